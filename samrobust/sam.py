@@ -1,0 +1,138 @@
+"""Sharpness-Aware Minimization as an optax gradient transformation.
+
+SAM (Foret et al., 2021, arXiv 2010.01412) minimises ``max_{||e|| <= rho} L(w + e)``.
+To first order the inner maximiser is ``e = rho * g / ||g||``, and the update uses the
+gradient at ``w + e``:
+
+    e(w)   = rho * g / (||g||_2 + eps)                 (one global norm over the pytree)
+    g_sam  = grad L(w + e(w))
+
+ASAM (Kwon et al., 2021, arXiv 2102.11600; ``adaptive=True``) rescales the ball by
+``T = |w|`` elementwise: ``e = rho * T^2 g / (||T g||_2 + eps)``.
+
+``sam(...)`` returns ``g_sam`` as its update, so whatever optax transformation is chained
+after it (weight decay, momentum SGD, Adam...) does the descent step at ``w``::
+
+    tx = optax.chain(sam(0.05), optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    state = tx.init(params)
+    grads = jax.grad(loss)(params, batch)
+    updates, state = tx.update(grads, state, params,
+                               grad_fn=lambda p: jax.grad(loss)(p, batch))
+    params = optax.apply_updates(params, updates)
+
+Weight decay chained *after* SAM enters the descent step only, not the ascent direction
+(as in the paper's code).
+
+Data parallelism: with ``axis_name=None`` every device perturbs with its own local
+gradient (m-sharpness, m = per-device batch; what google-research/sam does). With an axis
+name the gradient is averaged over that axis first, so all devices share one perturbation
+(synchronised SAM). Either way the returned SAM gradient is the *local* gradient at the
+perturbed point: averaging it over devices is the train step's job (chain
+``optax.stateless`` with ``lax.pmean`` after ``sam``, as ``samrobust.train`` does).
+
+Why not ``optax.contrib.sam``: it runs the ascent as separate optimizer steps
+(``sync_period``), has no ``rho`` argument (the radius is hidden in an inner optimizer's
+learning rate), and needs ``opaque_mode=True`` plus a gradient function for models with
+BatchNorm. Here one ``update`` call is one SAM step, ``rho`` may be a schedule, and the
+gradient function is a plain closure, so BatchNorm statistics or other state stay under
+the caller's control. To get auxiliary outputs of the perturbed pass (logits, new
+BatchNorm statistics), call :func:`sam_gradient` directly.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+
+
+class SAMState(NamedTuple):
+    """State of :func:`sam`: the number of updates so far (drives a ``rho`` schedule)."""
+
+    count: jax.Array
+
+
+def perturbation(
+    grads: PyTree,
+    params: PyTree,
+    rho: float | jax.Array,
+    *,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+) -> PyTree:
+    """Returns the SAM (or ASAM) weight perturbation ``e`` for ``grads`` at ``params``.
+
+    A zero gradient gives a zero perturbation (the ``eps`` in the denominator), never NaN.
+    """
+    if adaptive:
+        scaled = jax.tree.map(lambda g, w: jnp.abs(w) * g, grads, params)
+        norm = optax.global_norm(scaled)
+        return jax.tree.map(lambda s, w: rho * jnp.abs(w) * s / (norm + eps), scaled, params)
+    norm = optax.global_norm(grads)
+    return jax.tree.map(lambda g: rho * g / (norm + eps), grads)
+
+
+def sam_gradient(
+    grad_fn: Callable[[PyTree], Any],
+    grads: PyTree,
+    params: PyTree,
+    rho: float | jax.Array,
+    *,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+) -> Any:
+    """Evaluates ``grad_fn`` at ``params + e``; returns whatever ``grad_fn`` returns.
+
+    ``grads`` is the gradient at ``params`` (the ascent direction). With ``axis_name`` it
+    is averaged over that mapped axis before the perturbation is formed.
+    """
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    e = perturbation(grads, params, rho, adaptive=adaptive, eps=eps)
+    return grad_fn(jax.tree.map(jnp.add, params, e))
+
+
+def sam(
+    rho: ScalarOrSchedule,
+    *,
+    adaptive: bool = False,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM as an optax transformation: turns the gradient at ``w`` into the one at ``w + e``.
+
+    Args:
+      rho: perturbation radius, a float or an optax schedule of the update count.
+      adaptive: ASAM (perturbation scaled elementwise by ``|w|``).
+      eps: added to the gradient norm; keeps a zero gradient from dividing by zero.
+      axis_name: mapped axis over which to average the ascent gradient (synchronised SAM);
+        ``None`` perturbs with the local gradient on every device.
+
+    The update call needs ``params`` and the keyword ``grad_fn(params) -> grads``, the loss
+    gradient (same pytree structure as ``params``).
+    """
+    if not callable(rho) and rho < 0:
+        raise ValueError(f"sam: rho must be >= 0, got {rho}")
+
+    def init_fn(params: PyTree) -> SAMState:
+        del params
+        return SAMState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+        del extra_args
+        if params is None or grad_fn is None:
+            raise ValueError(
+                "sam: update needs params and grad_fn, e.g. "
+                "tx.update(grads, state, params, grad_fn=jax.grad(loss))"
+            )
+        radius = rho(state.count) if callable(rho) else rho
+        sam_grads = sam_gradient(
+            grad_fn, updates, params, radius, adaptive=adaptive, eps=eps, axis_name=axis_name
+        )
+        return sam_grads, SAMState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
