@@ -1,0 +1,16 @@
+"""Adversarial training (Madry et al.): train on PGD-5 examples, Linf eps 8/255, step 2/255.
+
+  python -m samrobust.main --config=configs/at.py --workdir=/tmp/at
+  python -m samrobust.main --config=configs/at.py:digits --workdir=/tmp/at_digits
+  # L2 AT as in the paper's sweep:
+  python -m samrobust.main --config=configs/at.py --config.attack.norm=l2 \
+      --config.attack.eps=0.1255 --config.attack.step_size=0.0627 --workdir=/tmp/at_l2
+"""
+
+from configs import default
+
+
+def get_config(arg=None):
+    config = default.get_config(arg)
+    config.mode = "at"
+    return config

@@ -1,0 +1,72 @@
+"""Defaults: the paper's CIFAR-10 recipe (PreActResNet-18, 100 epochs, SGD, lr 0.1).
+
+The mode configs (sgd.py, sam.py, at.py, sam_at.py) import this and set the method.
+`get_config("digits")` scales everything to the offline 8x8 digits dataset.
+Run one of the mode configs, not this file, e.g.:
+
+  python -m samrobust.main --config=configs/sam.py:digits --workdir=/tmp/sam_digits
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the default config; ``arg="digits"`` selects the offline dataset."""
+    config = ml_collections.ConfigDict()
+    config.mode = "sgd"  # sgd | sam | at | sam_at
+
+    # Data: digits (offline) or a tfds dataset (cifar10, cifar100, svhn_cropped).
+    config.dataset = "cifar10"
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+    config.crop_padding = 4  # reflect-pad then random crop (0 disables)
+    config.flip = True  # random horizontal flip
+
+    # Model.
+    config.model = "preact_resnet18"  # preact_resnet18 | wrn28_10 | wrn34_10
+    config.width = 64  # PreActResNet base width (64 = the paper's)
+    config.half_precision = False  # bf16 compute, f32 master weights
+
+    # Optimisation: the paper's recipe.
+    config.num_epochs = 100
+    config.batch_size = 128  # global, split over all devices
+    config.learning_rate = 0.1
+    config.lr_schedule = "piecewise"  # piecewise (x0.1 at 75% and 90%) | cosine
+    config.momentum = 0.9
+    config.weight_decay = 5e-4
+    config.seed = 0
+
+    # SAM (modes sam, sam_at).
+    config.rho = 0.05
+    config.adaptive = False  # ASAM
+    config.sam_sync = False  # False: per-device perturbation (m-sharpness); True: synchronised
+
+    # Adversarial training (modes at, sam_at): PGD inner maximisation.
+    config.attack = ml_collections.ConfigDict()
+    config.attack.norm = "linf"  # linf | l2
+    config.attack.eps = 8 / 255
+    config.attack.step_size = 2 / 255
+    config.attack.steps = 5
+
+    # Final evaluation (the paper's PGD-10 suite); -1 = the whole test split.
+    config.eval_batch_size = 256
+    config.eval_num_examples = -1
+
+    # Logging and checkpoints.
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+
+    if arg == "digits":
+        config.dataset = "digits"
+        config.crop_padding = 1
+        config.flip = False
+        config.width = 16
+        config.num_epochs = 30
+        config.batch_size = 64
+        config.learning_rate = 0.05
+        config.log_every_steps = 50
+        config.checkpoint_every_steps = 200
+        config.eval_batch_size = 120
+    elif arg:
+        raise ValueError(f"Unknown config argument {arg!r}; use none or 'digits'")
+    return config

@@ -1,0 +1,39 @@
+"""Entry point: ``python -m samrobust.main --config=configs/sam.py:digits --workdir=DIR``.
+
+Any config field can be overridden, e.g. ``--config.rho=0.1 --config.attack.eps=0.0157``.
+On several processes (TPU pods, or ``--num_processes`` with a coordinator), JAX's
+distributed runtime is initialised first; every process runs this same command.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from samrobust import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects pods).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        if jax.default_backend() == "cpu" or FLAGS.coordinator_address:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    logging.info("JAX %s: %d devices (%d local), process %d of %d", jax.__version__,
+                 jax.device_count(), jax.local_device_count(), jax.process_index(),
+                 jax.process_count())
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

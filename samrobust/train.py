@@ -1,0 +1,370 @@
+"""Training: the train state, one pure train step for every mode, and the training loop.
+
+The step (``train_step``) is, per device:
+  augment -> [AT: PGD inner maximisation on the inputs] -> loss and gradient at w
+  -> SAM (optax transformation: gradient at w + e) -> mean over devices
+  -> weight decay + momentum SGD.
+BatchNorm statistics come from the first, unperturbed pass and are averaged over devices.
+``make_train_step`` maps it over all devices with ``shard_map`` (pmap semantics: each
+device sees its own slice of the global batch).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from samrobust import attacks, evaluate, input_pipeline, models
+from samrobust.checkpoint import Checkpointer
+from samrobust.metrics import MetricWriter
+from samrobust.sam import sam
+
+AXIS = evaluate.AXIS
+MODES = ("sgd", "sam", "at", "sam_at")
+LR_SCHEDULES = ("piecewise", "cosine")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the key and the fix."""
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The static parts of the train step."""
+
+    crop_padding: int = 0
+    flip: bool = False
+    attack: evaluate.PGDSpec | None = None  # PGD for adversarial training
+
+
+def uses_sam(mode: str) -> bool:
+    return mode in ("sam", "sam_at")
+
+
+def uses_attack(mode: str) -> bool:
+    return mode in ("at", "sam_at")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ``ConfigError`` naming the key and the fix for any invalid value."""
+
+    def check(ok: bool, key: str, what: str, example: str) -> None:
+        if not ok:
+            value = functools.reduce(getattr, key.split("."), config)
+            raise ConfigError(f"config.{key} = {value!r}: {what} (e.g. --config.{key}={example})")
+
+    check(config.mode in MODES, "mode", f"must be one of {MODES}", "sam")
+    check(config.dataset in input_pipeline.DATASETS, "dataset",
+          f"must be one of {input_pipeline.DATASETS}", "digits")
+    check(config.model in models.MODELS, "model", f"must be one of {models.MODELS}",
+          "preact_resnet18")
+    check(config.width > 0, "width", "must be > 0", "64")
+    check(config.rho >= 0, "rho", "must be >= 0", "0.05")
+    check(config.attack.norm in attacks.NORMS, "attack.norm", f"must be one of {attacks.NORMS}",
+          "linf")
+    check(config.attack.eps >= 0, "attack.eps", "must be >= 0", "0.0314")
+    check(config.attack.step_size >= 0, "attack.step_size", "must be >= 0", "0.0078")
+    check(config.attack.steps >= 0, "attack.steps", "must be >= 0", "5")
+    check(config.num_epochs > 0, "num_epochs", "must be > 0", "100")
+    check(config.learning_rate > 0, "learning_rate", "must be > 0", "0.1")
+    check(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}",
+          "cosine")
+    check(config.weight_decay >= 0, "weight_decay", "must be >= 0", "5e-4")
+    check(config.crop_padding >= 0, "crop_padding", "must be >= 0", "4")
+    for key in ("batch_size", "eval_batch_size"):
+        check(config[key] > 0 and config[key] % num_devices == 0, key,
+              f"must be a positive multiple of the device count ({num_devices})",
+              str(max(num_devices, 1) * 16))
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        check(config[key] > 0, key, "must be > 0", "100")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """The paper's piecewise schedule (x0.1 at 75% and 90%) or cosine decay."""
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    return optax.piecewise_constant_schedule(
+        config.learning_rate, {int(0.75 * total_steps): 0.1, int(0.9 * total_steps): 0.1}
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformationExtraArgs:
+    """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD.
+
+    The device mean needs the ``AXIS`` mapped axis: use the optimizer inside the step.
+    """
+    parts = []
+    if uses_sam(config.mode):
+        parts.append(
+            sam(config.rho, adaptive=config.adaptive, axis_name=AXIS if config.sam_sync else None)
+        )
+    parts += [
+        optax.stateless(lambda g, _: jax.lax.pmean(g, AXIS)),  # SAM gradients are local
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate_schedule(config, total_steps), momentum=config.momentum),
+    ]
+    return optax.chain(*parts)
+
+
+def step_options(config: ml_collections.ConfigDict) -> StepOptions:
+    attack = None
+    if uses_attack(config.mode):
+        a = config.attack
+        attack = evaluate.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
+    return StepOptions(crop_padding=config.crop_padding, flip=config.flip, attack=attack)
+
+
+def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+    """Reflect-pad + random crop and random horizontal flip, per example."""
+    n, h, w, _ = images.shape
+    k_crop, k_flip = jax.random.split(key)
+    if crop_padding:
+        p = crop_padding
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
+        offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * p + 1)
+        images = jax.vmap(
+            lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+        )(padded, offsets)
+    if flip:
+        mirror = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
+        images = jnp.where(mirror, images[:, :, ::-1], images)
+    return images
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    *,
+    apply_fn: Any,
+    tx: optax.GradientTransformationExtraArgs,
+    options: StepOptions,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One training step on this device's shard. Call inside a map over ``AXIS``."""
+    key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
+    k_aug, k_attack = jax.random.split(key)
+    x = augment(k_aug, images, options.crop_padding, options.flip)
+
+    def loss_fn(params, inputs):
+        logits, new_vars = apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+            mutable=["batch_stats"],
+        )
+        loss = jnp.mean(attacks.cross_entropy(logits, labels))
+        return loss, (logits, new_vars["batch_stats"])
+
+    if options.attack is not None:  # AT: train on PGD examples (train-mode BN, stats unused)
+        a = options.attack
+        x = attacks.pgd(
+            attacks.input_loss(lambda z: loss_fn(state.params, z)[1][0]), x, labels, k_attack,
+            eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm,
+        )
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, x
+    )
+    # SAM's ascent/descent gradients are fresh gradients of the loss on x: no attack leak.
+    grad_fn = lambda p: jax.grad(lambda q: loss_fn(q, x)[0])(p)  # noqa: E731
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=jax.lax.pmean(batch_stats, AXIS),
+        opt_state=opt_state,
+    )
+    return new_state, jax.lax.pmean(metrics, AXIS)
+
+
+def make_train_step(apply_fn: Any, tx: Any, options: StepOptions, mesh: Mesh):
+    """``train_step`` over all devices of ``mesh``, jitted, with the state donated.
+
+    Returns ``step(state, images, labels, key) -> (state, metrics)``; images and labels are
+    global arrays sharded over ``AXIS``, the state replicated.
+    """
+    step = functools.partial(train_step, apply_fn=apply_fn, tx=tx, options=options)
+    mapped = jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=(P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(mapped, donate_argnums=0)
+
+
+def create_train_state(
+    key: jax.Array, model: Any, tx: Any, image_shape: tuple[int, ...], mesh: Mesh
+) -> TrainState:
+    """Initial state, replicated over ``mesh``."""
+
+    def init(key):
+        variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+        params = variables["params"]
+        return TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(params),
+        )
+
+    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
+
+
+def _global_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    sharding = NamedSharding(mesh, P(AXIS))
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def _format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, writes results."""
+    validate_config(config, jax.device_count())
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"config.batch_size must divide by the process count {jax.process_count()}")
+    ds = input_pipeline.load(config.dataset, config.data_dir)
+    steps_per_epoch = len(ds.train_images) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"config.batch_size = {config.batch_size} is larger than the {ds.name} train split "
+            f"({len(ds.train_images)} images); lower it."
+        )
+    total_steps = config.num_epochs * steps_per_epoch
+    is_chief = jax.process_index() == 0
+
+    model = models.create_model(
+        config.model, ds.num_classes, ds.mean, ds.std, width=config.width,
+        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+    )
+    tx = create_optimizer(config, total_steps)
+    mesh = evaluate.default_mesh()
+    key = jax.random.key(config.seed)
+    init_key, step_key, eval_key = jax.random.split(key, 3)
+    state = create_train_state(init_key, model, tx, ds.image_shape, mesh)
+
+    config_dict = config.to_dict()
+    ckpt = Checkpointer(workdir, config_dict, every_steps=config.checkpoint_every_steps,
+                        keep=config.keep_checkpoints)
+    restored = ckpt.restore(state)
+    if restored is not None:
+        state = restored
+    start_step = int(state.step)
+    if is_chief:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2)
+    logging.info("%s on %s: %d steps (%d epochs x %d), global batch %d on %d devices, %s",
+                 config.mode, ds.name, total_steps, config.num_epochs, steps_per_epoch,
+                 config.batch_size, jax.device_count(),
+                 f"resuming at step {start_step}" if start_step else "from scratch")
+
+    writer = MetricWriter(workdir, enabled=is_chief)
+    step_fn = make_train_step(model.apply, tx, step_options(config), mesh)
+    lr_fn = learning_rate_schedule(config, total_steps)
+    batches = input_pipeline.prefetch(
+        input_pipeline.train_batches(
+            ds.train_images, ds.train_labels, config.batch_size, seed=config.seed,
+            start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    )
+
+    pending: list[dict[str, jax.Array]] = []
+    timed_steps, timed_seconds, t_last = 0, 0.0, None
+
+    def flush(step: int) -> dict[str, float]:
+        """Fetches pending metrics; stops the run if any loss is not finite."""
+        fetched = jax.device_get(pending)
+        pending.clear()
+        losses = np.array([m["loss"] for m in fetched])
+        if not np.all(np.isfinite(losses)):
+            ckpt.close()
+            raise TrainingDivergedError(
+                f"Loss is {losses[~np.isfinite(losses)][0]} by step {step}. The last good "
+                f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}. Lower "
+                f"--config.learning_rate (now {config.learning_rate}) or --config.rho "
+                f"(now {config.rho}), and resume or start a new --workdir."
+            )
+        return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+    for step in range(start_step + 1, total_steps + 1):
+        images, labels = _global_batch(mesh, *next(batches))
+        state, metrics = step_fn(state, images, labels, step_key)
+        pending.append(metrics)
+        log_due = step % config.log_every_steps == 0 or step == total_steps
+        ckpt_due = step % config.checkpoint_every_steps == 0 or step == total_steps
+        if log_due or ckpt_due or step == start_step + 1:
+            summary = flush(step)
+            now = time.perf_counter()
+            if t_last is not None:  # the first step (compilation) is not timed
+                timed_seconds += now - t_last
+                timed_steps += step - last_step
+            t_last, last_step = now, step
+            if log_due:
+                rate = timed_steps * config.batch_size / timed_seconds if timed_steps else 0.0
+                eta = (total_steps - step) * timed_seconds / timed_steps if timed_steps else 0.0
+                summary["learning_rate"] = float(lr_fn(step - 1))
+                writer.write(step, {f"train/{k}": v for k, v in summary.items()},
+                             images_per_s=rate)
+                logging.info("step %d/%d (%.0f%%) loss %.4f acc %.3f lr %.4g | %.0f img/s | ETA %s",
+                             step, total_steps, 100 * step / total_steps, summary["loss"],
+                             summary["accuracy"], summary["learning_rate"], rate,
+                             _format_seconds(eta))
+        if ckpt_due:
+            ckpt.save(step, state, force=step == total_steps)
+    ckpt.close()
+
+    n_eval = config.eval_num_examples if config.eval_num_examples > 0 else len(ds.test_images)
+    report = evaluate.pgd_suite(
+        evaluate.model_logits_fn(model.apply),
+        {"params": state.params, "batch_stats": state.batch_stats},
+        ds.test_images[:n_eval], ds.test_labels[:n_eval],
+        batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh,
+    )
+    results = {
+        "mode": config.mode,
+        "dataset": ds.name,
+        "total_steps": int(state.step),
+        "train_images_per_s": timed_steps * config.batch_size / timed_seconds
+        if timed_steps else None,
+        "train_seconds": timed_seconds,
+        "test_examples": n_eval,
+        "accuracy": report["accuracy"],
+        "eval_images_per_s": report["images_per_s"],
+    }
+    writer.write(int(state.step), {f"eval/{k}": v for k, v in report["accuracy"].items()})
+    writer.close()
+    if is_chief:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        np.savez_compressed(os.path.join(workdir, "eval_masks.npz"), **{
+            k.replace("/", "_"): v for k, v in report["masks"].items()})
+    logging.info("results: %s", json.dumps(results["accuracy"]))
+    return results

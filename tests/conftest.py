@@ -1,0 +1,12 @@
+"""Test setup: 8 fake CPU devices for the data-parallel tests.
+
+XLA reads ``XLA_FLAGS`` once, when the backend starts, so this must run before anything
+imports jax. pytest imports this file before the test modules; nothing in it imports jax
+at module level.
+"""
+
+import os
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}=8".strip()

@@ -1,0 +1,266 @@
+"""Tests of ``samrobust.attacks``: PGD (Linf / L2) and the attack losses."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from samrobust.attacks import cross_entropy, cw_margin, input_loss, pgd
+
+SHAPE = (4, 3, 3, 2)  # batch of tiny NHWC images
+D = int(np.prod(SHAPE[1:]))
+
+
+# --- a linear 2-class model: the worst case is known in closed form ------------------
+
+
+def _linear_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(D, 2)).astype(np.float32)
+    b = rng.normal(size=(2,)).astype(np.float32)
+    x = rng.uniform(0.3, 0.7, size=SHAPE).astype(np.float32)  # box inactive for eps <= 0.3
+    y = np.array([0, 1, 1, 0], np.int32)
+
+    def logits_fn(v):
+        return v.reshape(v.shape[0], -1) @ W + b
+
+    # Both losses grow as the margin z_y - z_other = (W_y - W_other) . x + const shrinks,
+    # so the worst case moves x against w = W_y - W_other.
+    w = np.stack([W[:, yi] - W[:, 1 - yi] for yi in y]).reshape(SHAPE)
+    return logits_fn, x, y, w
+
+
+def _np_ce(logits, y):
+    logits = np.asarray(logits, np.float64)
+    m = logits.max(axis=1)
+    lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
+    return lse - logits[np.arange(len(y)), y]
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+@pytest.mark.parametrize("random_start", [False, True])
+def test_linf_reaches_analytic_worst_case(loss, random_start):
+    logits_fn, x, y, w = _linear_problem()
+    eps = 0.1
+    x_adv = pgd(
+        input_loss(logits_fn, loss), jnp.asarray(x), jnp.asarray(y), jax.random.key(0),
+        eps=eps, step_size=0.025, steps=12, norm="linf", random_start_=random_start,
+    )
+    want = x - eps * np.sign(w)
+    np.testing.assert_allclose(np.asarray(x_adv), want, atol=1e-6)
+    # ...and that point has the largest loss of the ball: above the clean loss.
+    adv_loss, clean_loss = _np_ce(logits_fn(want), y), _np_ce(logits_fn(x), y)
+    np.testing.assert_allclose(_np_ce(logits_fn(np.asarray(x_adv)), y), adv_loss, rtol=1e-5)
+    assert np.all(adv_loss > clean_loss)
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+def test_l2_reaches_analytic_worst_case_exactly(loss):
+    """From x, steps of eps/4 along the per-example unit gradient reach the boundary in 4."""
+    logits_fn, x, y, w = _linear_problem(1)
+    eps = 0.25
+    x_adv = pgd(
+        input_loss(logits_fn, loss), jnp.asarray(x), jnp.asarray(y), jax.random.key(0),
+        eps=eps, step_size=eps / 4, steps=4, norm="l2", random_start_=False,
+    )
+    wn = np.sqrt(np.sum(w**2, axis=(1, 2, 3), keepdims=True))
+    np.testing.assert_allclose(np.asarray(x_adv), x - eps * w / wn, atol=1e-5)
+
+
+def test_l2_random_start_converges_to_worst_case():
+    logits_fn, x, y, w = _linear_problem(2)
+    eps = 0.25
+    x_adv = pgd(
+        input_loss(logits_fn, "ce"), jnp.asarray(x), jnp.asarray(y), jax.random.key(3),
+        eps=eps, step_size=0.1, steps=60, norm="l2", random_start_=True,
+    )
+    wn = np.sqrt(np.sum(w**2, axis=(1, 2, 3), keepdims=True))
+    want = x - eps * w / wn
+    np.testing.assert_allclose(np.asarray(x_adv), want, atol=2e-3)
+    np.testing.assert_allclose(
+        _np_ce(logits_fn(np.asarray(x_adv)), y), _np_ce(logits_fn(want), y), rtol=1e-3
+    )
+
+
+# --- invariants on random inputs, box boundary included ------------------------------
+
+_k = jax.random.split(jax.random.key(42), 2)
+_W1 = 2.0 * jax.random.normal(_k[0], (D, 8))
+_W2 = jax.random.normal(_k[1], (8, 3))
+
+
+def _mlp_logits(v):
+    return jnp.tanh(v.reshape(v.shape[0], -1) @ _W1) @ _W2
+
+
+_MLP_LOSS = input_loss(_mlp_logits, "ce")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "norm", "random_start_", "steps", "unroll"))
+def _pgd_mlp(x, y, key, *, eps, norm, random_start_, steps=3, unroll=None):
+    return pgd(
+        _MLP_LOSS, x, y, key, eps=eps, step_size=eps / 2 if eps else 0.1, steps=steps,
+        norm=norm, random_start_=random_start_, unroll=unroll,
+    )
+
+
+_pixels = st.one_of(
+    st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0, width=32, allow_subnormal=False)
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, SHAPE, elements=_pixels),
+    eps=st.sampled_from([0.0, 0.03, 0.3, 2.0]),
+    norm=st.sampled_from(["linf", "l2"]),
+    random_start_=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_pgd_stays_in_ball_and_box(x, eps, norm, random_start_, seed):
+    y = jnp.asarray(np.arange(SHAPE[0]) % 3, jnp.int32)
+    x_adv = np.asarray(
+        _pgd_mlp(jnp.asarray(x), y, jax.random.key(seed), eps=eps, norm=norm,
+                 random_start_=random_start_)
+    )
+    delta = x_adv.astype(np.float64) - x.astype(np.float64)
+    if norm == "linf":
+        dist = np.max(np.abs(delta), axis=(1, 2, 3))
+    else:
+        dist = np.sqrt(np.sum(delta**2, axis=(1, 2, 3)))
+    assert np.all(dist <= eps + 1e-6)
+    assert np.all(x_adv >= 0.0) and np.all(x_adv <= 1.0)
+    assert np.all(np.isfinite(x_adv))
+
+
+def test_unroll_factors_agree():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.uniform(0, 1, SHAPE), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 0], jnp.int32)
+    for norm in ("linf", "l2"):
+        kw = dict(eps=0.3, norm=norm, random_start_=True, steps=5)
+        a = _pgd_mlp(x, y, jax.random.key(1), unroll=1, **kw)
+        b = _pgd_mlp(x, y, jax.random.key(1), unroll=5, **kw)
+        assert float(jnp.max(jnp.abs(a - x))) > 0.0  # the attack moved
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_zero_steps_without_random_start_returns_x():
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, SHAPE), jnp.float32)
+    y = jnp.zeros((SHAPE[0],), jnp.int32)
+    for norm in ("linf", "l2"):
+        out = pgd(_MLP_LOSS, x, y, jax.random.key(0), eps=0.1, step_size=0.1, steps=0,
+                  norm=norm, random_start_=False)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+
+
+# --- attack on a trained model -------------------------------------------------------
+
+
+def _train_tiny_mlp():
+    """A width-8 tanh MLP trained on two separable blobs in [0, 1]^D."""
+    rng = np.random.default_rng(0)
+    n = 64
+    y = np.arange(n) % 2
+    centres = np.where(y[:, None] == 0, 0.4, 0.6)
+    x = np.clip(centres + 0.04 * rng.normal(size=(n, D)), 0, 1).astype(np.float32)
+    x, y = jnp.asarray(x.reshape((n,) + SHAPE[1:])), jnp.asarray(y, jnp.int32)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = (0.3 * jax.random.normal(k1, (D, 8)), jnp.zeros(8),
+              0.3 * jax.random.normal(k2, (8, 2)), jnp.zeros(2))
+
+    def logits(p, v):
+        h = jnp.tanh(v.reshape(v.shape[0], -1) @ p[0] + p[1])
+        return h @ p[2] + p[3]
+
+    def loss(p):
+        return jnp.mean(cross_entropy(logits(p, x), y))
+
+    @jax.jit
+    def train(p):
+        def step(_, p):
+            return jax.tree.map(lambda a, g: a - 0.5 * g, p, jax.grad(loss)(p))
+
+        return jax.lax.fori_loop(0, 300, step, p)
+
+    params = train(params)
+    return functools.partial(logits, params), x, y
+
+
+def test_pgd_raises_loss_of_trained_model():
+    logits_fn, x, y = _train_tiny_mlp()
+    clean_logits = logits_fn(x)
+    assert float(jnp.mean(jnp.argmax(clean_logits, 1) == y)) == 1.0  # it did learn
+    clean = cross_entropy(clean_logits, y)
+    for norm, eps, step in (("linf", 0.08, 0.02), ("l2", 0.5, 0.1)):
+        for random_start in (False, True):
+            x_adv = pgd(input_loss(logits_fn, "ce"), x, y, jax.random.key(1), eps=eps,
+                        step_size=step, steps=10, norm=norm, random_start_=random_start)
+            adv = cross_entropy(logits_fn(x_adv), y)
+            assert bool(jnp.all(adv > clean)), (norm, random_start)
+            assert float(jnp.mean(adv)) > 10 * float(jnp.mean(clean)), (norm, random_start)
+
+
+# --- losses against hand computations ------------------------------------------------
+
+
+def test_cross_entropy_matches_hand():
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0], [10.0, 30.0, -5.0]], np.float32)
+    y = np.array([0, 2, 0], np.int32)
+    got = np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(y)))
+    want = np.array([
+        -np.log(np.exp(2.0) / (np.exp(2.0) + np.exp(-1.0) + np.exp(0.5))),
+        np.log(3.0),
+        20.0 + np.log(1 + np.exp(-20.0) + np.exp(-35.0)),
+    ])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_cw_margin_matches_hand():
+    logits = np.array([[2.0, -1.0, 0.5], [1.0, 3.0, 3.0], [-4.0, -2.0, -7.0], [5.0, 5.0, 1.0]],
+                      np.float32)
+    y = np.array([0, 1, 2, 1], np.int32)
+    want = [0.5 - 2.0, 3.0 - 3.0, -2.0 - (-7.0), 5.0 - 5.0]
+    got = np.asarray(cw_margin(jnp.asarray(logits), jnp.asarray(y)))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # bfloat16 logits come back as float32
+    assert cw_margin(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(y)).dtype == jnp.float32
+
+
+def test_input_loss_sums_per_example():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(5, 4)), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 3, 0], jnp.int32)
+    for name, fn in (("ce", cross_entropy), ("cw", cw_margin)):
+        got = input_loss(lambda v: v, name)(logits, y)
+        np.testing.assert_allclose(float(got), float(jnp.sum(fn(logits, y))), rtol=1e-6)
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(norm="l1"),
+        dict(norm="Linf"),
+        dict(eps=-0.1),
+        dict(step_size=-0.1),
+        dict(steps=-1),
+    ],
+)
+def test_pgd_invalid_arguments_raise(kw):
+    args = dict(eps=0.1, step_size=0.01, steps=1, norm="linf") | kw
+    x = jnp.full(SHAPE, 0.5)
+    with pytest.raises(ValueError):
+        pgd(_MLP_LOSS, x, jnp.zeros(SHAPE[0], jnp.int32), jax.random.key(0), **args)
+
+
+def test_input_loss_unknown_raises():
+    with pytest.raises(ValueError, match="loss"):
+        input_loss(lambda v: v, "hinge")

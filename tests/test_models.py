@@ -1,0 +1,180 @@
+"""Tests of ``samrobust.models``: sizes, shapes, BatchNorm modes and input normalisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samrobust.models import MODELS, Normalize, create_model, wide_resnet
+
+MEAN = (0.49, 0.48, 0.45)
+STD = (0.25, 0.24, 0.26)
+
+
+def _n_params(variables):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("preact_resnet18", 11_172_170), ("wrn28_10", 36_479_194), ("wrn34_10", 46_160_474)],
+)
+def test_parameter_counts(name, expected):
+    model = create_model(name, 10, MEAN, STD)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    assert _n_params(shapes) == expected
+    assert set(shapes) == {"params", "batch_stats"}
+
+
+def test_models_tuple_matches_create_model():
+    assert set(MODELS) == {"preact_resnet18", "wrn28_10", "wrn34_10"}
+
+
+# --- shapes --------------------------------------------------------------------------
+
+
+def _small(num_classes=10, mean=MEAN, std=STD, width=4):
+    return create_model("preact_resnet18", num_classes, mean, std, width=width)
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_output_shapes_width4(size):
+    model = _small(num_classes=7)
+    x = jnp.full((2, size, size, 3), 0.5)
+    variables = model.init(jax.random.key(0), x, train=False)
+    out = model.apply(variables, x, train=False)
+    assert out.shape == (2, 7) and out.dtype == jnp.float32
+    out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert out.shape == (2, 7)
+    assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("name", ["wrn28_10", "wrn34_10"])
+def test_wrn_output_shape_abstract(name):
+    model = create_model(name, 100, MEAN, STD)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert out.shape == (2, 100)
+
+
+def test_bfloat16_model_returns_float32_logits():
+    model = create_model("preact_resnet18", 10, MEAN, STD, width=4, dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert out.dtype == jnp.float32
+
+
+# --- BatchNorm -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    model = _small()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0, 1, (4, 8, 8, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model, variables, x
+
+
+def _conv3x3_same(x, k):
+    """Hand-written SAME 3x3 stride-1 cross-correlation, NHWC x HWIO."""
+    n, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, k.shape[-1]))
+    for di in range(3):
+        for dj in range(3):
+            out += xp[:, di : di + h, dj : dj + w, :] @ k[di, dj]
+    return out
+
+
+def test_train_mode_updates_batch_stats_with_momentum(small_model):
+    model, variables, x = small_model
+    _, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    old_bs, new_bs = variables["batch_stats"], new["batch_stats"]
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), old_bs, new_bs)
+    assert all(jax.tree.leaves(changed))
+    # The first BatchNorm sees stem(normalise(x)): running mean = 0.9 * 0 + 0.1 * batch mean.
+    xn = (np.asarray(x, np.float64) - np.array(MEAN)) / np.array(STD)
+    stem = _conv3x3_same(xn, np.asarray(variables["params"]["stem"]["kernel"], np.float64))
+    np.testing.assert_allclose(
+        np.asarray(new_bs["PreActBlock_0"]["BatchNorm_0"]["mean"]),
+        0.1 * stem.mean(axis=(0, 1, 2)),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_train_mode_output_depends_on_batch(small_model):
+    model, variables, x = small_model
+    other = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (3, 8, 8, 3)), jnp.float32)
+    batch_a = x
+    batch_b = jnp.concatenate([x[:1], other])
+    out_a, _ = model.apply(variables, batch_a, train=True, mutable=["batch_stats"])
+    out_b, _ = model.apply(variables, batch_b, train=True, mutable=["batch_stats"])
+    assert float(jnp.max(jnp.abs(out_a[0] - out_b[0]))) > 1e-4
+
+
+def test_eval_mode_uses_running_averages(small_model):
+    model, variables, x = small_model
+    # Give the running averages non-trivial values with a few train-mode passes.
+    state = variables
+    for _ in range(3):
+        _, upd = model.apply(state, x, train=True, mutable=["batch_stats"])
+        state = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+    other = jnp.asarray(np.random.default_rng(1).uniform(0, 1, (3, 8, 8, 3)), jnp.float32)
+    out_a = model.apply(state, x, train=False)
+    out_b = model.apply(state, jnp.concatenate([x[:1], other]), train=False)
+    out_1 = model.apply(state, x[:1], train=False)
+    # Each example's output is independent of the rest of the batch...
+    np.testing.assert_allclose(np.asarray(out_a[0]), np.asarray(out_b[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_a[0]), np.asarray(out_1[0]), rtol=1e-5, atol=1e-5)
+    # ...and it is the running averages that are used: other statistics, other outputs.
+    out_init = model.apply(variables, x, train=False)
+    assert float(jnp.max(jnp.abs(out_a - out_init))) > 1e-4
+    # Eval mode does not touch the statistics.
+    _, same = model.apply(state, x, train=False, mutable=["batch_stats"])
+    jax.tree.map(np.testing.assert_array_equal, same["batch_stats"], state["batch_stats"])
+
+
+# --- normalisation -------------------------------------------------------------------
+
+
+def test_normalize_module_formula():
+    x = np.random.default_rng(2).uniform(0, 1, (2, 3, 3, 3)).astype(np.float32)
+    out = Normalize(MEAN, STD).apply({}, jnp.asarray(x))
+    np.testing.assert_allclose(
+        np.asarray(out), (x - np.array(MEAN)) / np.array(STD), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_normalisation_is_first_op(small_model):
+    """Model(mean m, std s) on x == model(mean 0, std 1) on (x - m) / s, same weights."""
+    _, variables, x = small_model
+    plain = _small(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    xn = (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    for train in (False, True):
+        kw = dict(mutable=["batch_stats"]) if train else {}
+        a = _small().apply(variables, x, train=train, **kw)
+        b = plain.apply(variables, xn, train=train, **kw)
+        a, b = (a[0], b[0]) if train else (a, b)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # With the (untrained) running averages, the statistics are visible in the output.
+    c = _small(mean=MEAN[::-1], std=STD).apply(variables, x, train=False)
+    assert float(jnp.max(jnp.abs(c - _small().apply(variables, x, train=False)))) > 1e-4
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+def test_unknown_model_raises():
+    with pytest.raises(ValueError, match="config.model"):
+        create_model("resnet50", 10, MEAN, STD)
+
+
+def test_wide_resnet_bad_depth_raises():
+    with pytest.raises(ValueError, match="depth"):
+        wide_resnet(27, 10, 10, MEAN, STD)
