@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Final evaluation (the paper's PGD-10 suite); -1 = the whole test split.
     config.eval_batch_size = 256
+    config.eval_pgd_steps = 10  # the paper's PGD-10
     config.eval_num_examples = -1
 
     # Logging and checkpoints.

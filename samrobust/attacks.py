@@ -112,7 +112,8 @@ def pgd(
       loss_fn: ``loss_fn(x, y) -> scalar`` to maximise (e.g. :func:`input_loss`).
       x: clean inputs in ``[0, 1]``, batch first. y: labels, passed through to ``loss_fn``.
       key: PRNG key for the random start.
-      eps, step_size, steps: radius, step length and number of steps (``steps >= 0``).
+      eps, step_size: radius and step length (floats, or traced scalars under ``jit``).
+      steps: number of steps (a Python int >= 0).
       norm: ``"linf"`` or ``"l2"``.
       random_start_: start from a random point of the ball instead of ``x``.
       unroll: ``lax.fori_loop`` unroll factor; ``None`` picks :func:`default_unroll`.
@@ -121,7 +122,7 @@ def pgd(
     """
     if norm not in NORMS:
         raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}")
-    if eps < 0 or step_size < 0 or steps < 0:
+    if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, step_size)):
         raise ValueError(f"pgd needs eps, step_size, steps >= 0; got {eps}, {step_size}, {steps}")
     x = jax.lax.stop_gradient(x)
     delta = random_start(key, x, eps, norm) if random_start_ else jnp.zeros_like(x)

@@ -19,6 +19,7 @@ RESUMABLE_KEYS = frozenset(
         "keep_checkpoints",
         "eval_batch_size",
         "eval_num_examples",
+        "eval_pgd_steps",
         "data_dir",
     }
 )

@@ -7,6 +7,7 @@ so that runs can be compared point by point.
 """
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -56,24 +57,32 @@ def default_mesh() -> Mesh:
 
 
 def make_correct_fn(logits_fn: LogitsFn, spec: PGDSpec | None, mesh: Mesh) -> Callable:
-    """Jitted ``(variables, x, y, key) -> per-example correctness`` under ``spec`` (None: clean)."""
+    """Jitted ``(variables, x, y, key) -> per-example correctness`` under ``spec`` (None: clean).
 
-    def local(variables, x, y, key):
-        if spec is not None:
+    ``eps`` and ``step_size`` are traced, so budgets that share norm, steps and loss share
+    one compiled program.
+    """
+    if spec is None:
+        return functools.partial(_correct_fn(logits_fn, None, None, None, mesh), eps=0.0,
+                                 step_size=0.0)
+    return functools.partial(_correct_fn(logits_fn, spec.norm, spec.steps, spec.loss, mesh),
+                             eps=spec.eps, step_size=spec.step_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _correct_fn(logits_fn, norm, steps, loss, mesh):
+    def local(variables, x, y, key, eps, step_size):
+        if norm is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-            loss_fn = attacks.input_loss(lambda z: logits_fn(variables, z), spec.loss)
-            x = attacks.pgd(
-                loss_fn, x, y, key, eps=spec.eps, step_size=spec.step_size, steps=spec.steps,
-                norm=spec.norm,
-            )
+            loss_fn = attacks.input_loss(lambda z: logits_fn(variables, z), loss)
+            x = attacks.pgd(loss_fn, x, y, key, eps=eps, step_size=step_size, steps=steps,
+                            norm=norm)
         return jnp.argmax(logits_fn(variables, x), axis=-1) == y
 
-    return jax.jit(
-        jax.shard_map(
-            local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=P(AXIS),
-            check_vma=False,
-        )
-    )
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(), P(), P()),
+                           out_specs=P(AXIS), check_vma=False)
+    return jax.jit(lambda variables, x, y, key, *, eps, step_size: mapped(
+        variables, x, y, key, jnp.float32(eps), jnp.float32(step_size)))
 
 
 def _global(mesh: Mesh, local: np.ndarray) -> jax.Array:

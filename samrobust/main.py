@@ -21,11 +21,19 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process)."
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_libraries() -> None:
+    """Keeps orbax's per-save INFO chatter out of the progress output (warnings still show)."""
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
+    )
+
+
 def main(argv):
     del argv
+    _quiet_libraries()
     if FLAGS.distributed or FLAGS.coordinator_address:
-        if jax.default_backend() == "cpu" or FLAGS.coordinator_address:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives for CPU devices (harmless on GPU/TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -93,6 +94,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     check(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}",
           "cosine")
     check(config.weight_decay >= 0, "weight_decay", "must be >= 0", "5e-4")
+    check(config.eval_pgd_steps >= 0, "eval_pgd_steps", "must be >= 0", "10")
     check(config.crop_padding >= 0, "crop_padding", "must be >= 0", "4")
     for key in ("batch_size", "eval_batch_size"):
         check(config[key] > 0 and config[key] % num_devices == 0, key,
@@ -340,12 +342,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if ckpt_due:
             ckpt.save(step, state, force=step == total_steps)
     ckpt.close()
+    if jax.process_count() > 1:  # every process must hold the same replica
+        multihost_utils.assert_equal(
+            jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params),
+            "parameter replicas differ across processes",
+        )
 
     n_eval = config.eval_num_examples if config.eval_num_examples > 0 else len(ds.test_images)
     report = evaluate.pgd_suite(
         evaluate.model_logits_fn(model.apply),
         {"params": state.params, "batch_stats": state.batch_stats},
         ds.test_images[:n_eval], ds.test_labels[:n_eval],
+        specs=[dataclasses.replace(s, steps=config.eval_pgd_steps) for s in evaluate.PAPER_SUITE],
         batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh,
     )
     results = {

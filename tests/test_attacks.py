@@ -48,8 +48,16 @@ def test_linf_reaches_analytic_worst_case(loss, random_start):
     logits_fn, x, y, w = _linear_problem()
     eps = 0.1
     x_adv = pgd(
-        input_loss(logits_fn, loss), jnp.asarray(x), jnp.asarray(y), jax.random.key(0),
-        eps=eps, step_size=0.025, steps=12, norm="linf", random_start_=random_start,
+        input_loss(logits_fn, loss),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jax.random.key(0),
+        eps=eps,
+        step_size=0.025,
+        steps=12,
+        unroll=1,
+        norm="linf",
+        random_start_=random_start,
     )
     want = x - eps * np.sign(w)
     np.testing.assert_allclose(np.asarray(x_adv), want, atol=1e-6)
@@ -65,8 +73,16 @@ def test_l2_reaches_analytic_worst_case_exactly(loss):
     logits_fn, x, y, w = _linear_problem(1)
     eps = 0.25
     x_adv = pgd(
-        input_loss(logits_fn, loss), jnp.asarray(x), jnp.asarray(y), jax.random.key(0),
-        eps=eps, step_size=eps / 4, steps=4, norm="l2", random_start_=False,
+        input_loss(logits_fn, loss),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jax.random.key(0),
+        eps=eps,
+        step_size=eps / 4,
+        steps=4,
+        unroll=1,
+        norm="l2",
+        random_start_=False,
     )
     wn = np.sqrt(np.sum(w**2, axis=(1, 2, 3), keepdims=True))
     np.testing.assert_allclose(np.asarray(x_adv), x - eps * w / wn, atol=1e-5)
@@ -76,8 +92,16 @@ def test_l2_random_start_converges_to_worst_case():
     logits_fn, x, y, w = _linear_problem(2)
     eps = 0.25
     x_adv = pgd(
-        input_loss(logits_fn, "ce"), jnp.asarray(x), jnp.asarray(y), jax.random.key(3),
-        eps=eps, step_size=0.1, steps=60, norm="l2", random_start_=True,
+        input_loss(logits_fn, "ce"),
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jax.random.key(3),
+        eps=eps,
+        step_size=0.1,
+        steps=60,
+        unroll=1,
+        norm="l2",
+        random_start_=True,
     )
     wn = np.sqrt(np.sum(w**2, axis=(1, 2, 3), keepdims=True))
     want = x - eps * w / wn
@@ -104,8 +128,16 @@ _MLP_LOSS = input_loss(_mlp_logits, "ce")
 @functools.partial(jax.jit, static_argnames=("eps", "norm", "random_start_", "steps", "unroll"))
 def _pgd_mlp(x, y, key, *, eps, norm, random_start_, steps=3, unroll=None):
     return pgd(
-        _MLP_LOSS, x, y, key, eps=eps, step_size=eps / 2 if eps else 0.1, steps=steps,
-        norm=norm, random_start_=random_start_, unroll=unroll,
+        _MLP_LOSS,
+        x,
+        y,
+        key,
+        eps=eps,
+        step_size=eps / 2 if eps else 0.1,
+        steps=steps,
+        norm=norm,
+        random_start_=random_start_,
+        unroll=unroll,
     )
 
 
@@ -117,7 +149,7 @@ _pixels = st.one_of(
 @settings(max_examples=30, deadline=None)
 @given(
     x=hnp.arrays(np.float32, SHAPE, elements=_pixels),
-    eps=st.sampled_from([0.0, 0.03, 0.3, 2.0]),
+    eps=st.sampled_from([0.0, 0.05, 2.0]),
     norm=st.sampled_from(["linf", "l2"]),
     random_start_=st.booleans(),
     seed=st.integers(0, 2**16),
@@ -125,8 +157,9 @@ _pixels = st.one_of(
 def test_pgd_stays_in_ball_and_box(x, eps, norm, random_start_, seed):
     y = jnp.asarray(np.arange(SHAPE[0]) % 3, jnp.int32)
     x_adv = np.asarray(
-        _pgd_mlp(jnp.asarray(x), y, jax.random.key(seed), eps=eps, norm=norm,
-                 random_start_=random_start_)
+        _pgd_mlp(
+            jnp.asarray(x), y, jax.random.key(seed), eps=eps, norm=norm, random_start_=random_start_
+        )
     )
     delta = x_adv.astype(np.float64) - x.astype(np.float64)
     if norm == "linf":
@@ -143,9 +176,9 @@ def test_unroll_factors_agree():
     x = jnp.asarray(rng.uniform(0, 1, SHAPE), jnp.float32)
     y = jnp.asarray([0, 1, 2, 0], jnp.int32)
     for norm in ("linf", "l2"):
-        kw = dict(eps=0.3, norm=norm, random_start_=True, steps=5)
+        kw = dict(eps=0.3, norm=norm, random_start_=True, steps=4)
         a = _pgd_mlp(x, y, jax.random.key(1), unroll=1, **kw)
-        b = _pgd_mlp(x, y, jax.random.key(1), unroll=5, **kw)
+        b = _pgd_mlp(x, y, jax.random.key(1), unroll=4, **kw)
         assert float(jnp.max(jnp.abs(a - x))) > 0.0  # the attack moved
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
@@ -154,8 +187,17 @@ def test_zero_steps_without_random_start_returns_x():
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, SHAPE), jnp.float32)
     y = jnp.zeros((SHAPE[0],), jnp.int32)
     for norm in ("linf", "l2"):
-        out = pgd(_MLP_LOSS, x, y, jax.random.key(0), eps=0.1, step_size=0.1, steps=0,
-                  norm=norm, random_start_=False)
+        out = pgd(
+            _MLP_LOSS,
+            x,
+            y,
+            jax.random.key(0),
+            eps=0.1,
+            step_size=0.1,
+            steps=0,
+            norm=norm,
+            random_start_=False,
+        )
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
@@ -171,8 +213,12 @@ def _train_tiny_mlp():
     x = np.clip(centres + 0.04 * rng.normal(size=(n, D)), 0, 1).astype(np.float32)
     x, y = jnp.asarray(x.reshape((n,) + SHAPE[1:])), jnp.asarray(y, jnp.int32)
     k1, k2 = jax.random.split(jax.random.key(0))
-    params = (0.3 * jax.random.normal(k1, (D, 8)), jnp.zeros(8),
-              0.3 * jax.random.normal(k2, (8, 2)), jnp.zeros(2))
+    params = (
+        0.3 * jax.random.normal(k1, (D, 8)),
+        jnp.zeros(8),
+        0.3 * jax.random.normal(k2, (8, 2)),
+        jnp.zeros(2),
+    )
 
     def logits(p, v):
         h = jnp.tanh(v.reshape(v.shape[0], -1) @ p[0] + p[1])
@@ -199,8 +245,18 @@ def test_pgd_raises_loss_of_trained_model():
     clean = cross_entropy(clean_logits, y)
     for norm, eps, step in (("linf", 0.08, 0.02), ("l2", 0.5, 0.1)):
         for random_start in (False, True):
-            x_adv = pgd(input_loss(logits_fn, "ce"), x, y, jax.random.key(1), eps=eps,
-                        step_size=step, steps=10, norm=norm, random_start_=random_start)
+            x_adv = pgd(
+                input_loss(logits_fn, "ce"),
+                x,
+                y,
+                jax.random.key(1),
+                eps=eps,
+                step_size=step,
+                steps=10,
+                norm=norm,
+                random_start_=random_start,
+                unroll=1,  # small compile; unrolling is tested separately
+            )
             adv = cross_entropy(logits_fn(x_adv), y)
             assert bool(jnp.all(adv > clean)), (norm, random_start)
             assert float(jnp.mean(adv)) > 10 * float(jnp.mean(clean)), (norm, random_start)
@@ -213,18 +269,21 @@ def test_cross_entropy_matches_hand():
     logits = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0], [10.0, 30.0, -5.0]], np.float32)
     y = np.array([0, 2, 0], np.int32)
     got = np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(y)))
-    want = np.array([
-        -np.log(np.exp(2.0) / (np.exp(2.0) + np.exp(-1.0) + np.exp(0.5))),
-        np.log(3.0),
-        20.0 + np.log(1 + np.exp(-20.0) + np.exp(-35.0)),
-    ])
+    want = np.array(
+        [
+            -np.log(np.exp(2.0) / (np.exp(2.0) + np.exp(-1.0) + np.exp(0.5))),
+            np.log(3.0),
+            20.0 + np.log(1 + np.exp(-20.0) + np.exp(-35.0)),
+        ]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got.dtype == np.float32
 
 
 def test_cw_margin_matches_hand():
-    logits = np.array([[2.0, -1.0, 0.5], [1.0, 3.0, 3.0], [-4.0, -2.0, -7.0], [5.0, 5.0, 1.0]],
-                      np.float32)
+    logits = np.array(
+        [[2.0, -1.0, 0.5], [1.0, 3.0, 3.0], [-4.0, -2.0, -7.0], [5.0, 5.0, 1.0]], np.float32
+    )
     y = np.array([0, 1, 2, 1], np.int32)
     want = [0.5 - 2.0, 3.0 - 3.0, -2.0 - (-7.0), 5.0 - 5.0]
     got = np.asarray(cw_margin(jnp.asarray(logits), jnp.asarray(y)))

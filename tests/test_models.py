@@ -39,16 +39,59 @@ def _small(num_classes=10, mean=MEAN, std=STD, width=4):
     return create_model("preact_resnet18", num_classes, mean, std, width=width)
 
 
+def _random_variables(model, x, rng):
+    """Variables shaped by ``model.init`` (traced only), filled with He-scaled normals.
+
+    BatchNorm scale/bias are random too; running statistics start at mean 0, var 1.
+    """
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, leaf.shape)
+        if name == "bias":
+            return 0.1 * rng.normal(size=leaf.shape)
+        if name == "var":
+            return np.ones(leaf.shape)
+        assert name == "mean", path
+        return np.zeros(leaf.shape)
+
+    filled = jax.tree_util.tree_map_with_path(fill, shapes)
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), filled)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """PreActResNet-18 of width 4 with random weights (``model.init`` compiles slowly on CPU)."""
+    model = _small()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0, 1, (4, 8, 8, 3)), jnp.float32)
+    return model, _random_variables(model, x, rng), x
+
+
 @pytest.mark.parametrize("size", [8, 32])
-def test_output_shapes_width4(size):
-    model = _small(num_classes=7)
+def test_output_shapes_width4(small_model, size):
+    # Global average pooling: the same weights serve any input size.
+    model, variables, _ = small_model
     x = jnp.full((2, size, size, 3), 0.5)
-    variables = model.init(jax.random.key(0), x, train=False)
     out = model.apply(variables, x, train=False)
-    assert out.shape == (2, 7) and out.dtype == jnp.float32
+    assert out.shape == (2, 10) and out.dtype == jnp.float32
     out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    assert out.shape == (2, 7)
+    assert out.shape == (2, 10)
     assert np.all(np.isfinite(out))
+
+
+def test_num_classes_sets_output_width():
+    model = _small(num_classes=7)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    assert variables["params"]["Dense_0"]["kernel"].shape == (32, 7)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    assert out.shape == (2, 7)
 
 
 @pytest.mark.parametrize("name", ["wrn28_10", "wrn34_10"])
@@ -69,15 +112,6 @@ def test_bfloat16_model_returns_float32_logits():
 
 
 # --- BatchNorm -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def small_model():
-    model = _small()
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.uniform(0, 1, (4, 8, 8, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x, train=False)
-    return model, variables, x
 
 
 def _conv3x3_same(x, k):

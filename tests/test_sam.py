@@ -56,10 +56,10 @@ def _hand_sam_sgd(grad, params, steps, rho=RHO, lr=LR, wd=WD, mom=MOM):
         g = grad(w)
         n = _global_norm(g)
         e = [rho * gi / (n + 1e-12) for gi in g]
-        g_sam = grad([wi + ei for wi, ei in zip(w, e)])
-        d = [gs + wd * wi for gs, wi in zip(g_sam, w)]  # add_decayed_weights
-        m = [di + mom * mi for di, mi in zip(d, m)]  # optax.trace (no nesterov)
-        w = [wi - lr * mi for wi, mi in zip(w, m)]
+        g_sam = grad([wi + ei for wi, ei in zip(w, e, strict=True)])
+        d = [gs + wd * wi for gs, wi in zip(g_sam, w, strict=True)]  # add_decayed_weights
+        m = [di + mom * mi for di, mi in zip(d, m, strict=True)]  # optax.trace (no nesterov)
+        w = [wi - lr * mi for wi, mi in zip(w, m, strict=True)]
         out.append(w)
     return out
 
@@ -79,13 +79,14 @@ KEYS = ("a", "b")  # dict leaf order (sorted)
 
 def _quad_loss(p):
     return sum(
-        0.5 * jnp.sum(jnp.asarray(Q_H[k], jnp.float32) * (p[k] - jnp.asarray(Q_C[k], jnp.float32)) ** 2)
+        0.5
+        * jnp.sum(jnp.asarray(Q_H[k], jnp.float32) * (p[k] - jnp.asarray(Q_C[k], jnp.float32)) ** 2)
         for k in KEYS
     )
 
 
 def _quad_grad_np(w):
-    return [Q_H[k] * (wk - Q_C[k]) for k, wk in zip(KEYS, w)]
+    return [Q_H[k] * (wk - Q_C[k]) for k, wk in zip(KEYS, w, strict=True)]
 
 
 def _as_jax(tree):
@@ -101,19 +102,19 @@ def test_sam_matches_hand_two_pass_quadratic(jit):
     steps = 6
     got = _run_tx(_tx(), jax.grad(_quad_loss), _as_jax(Q_W0), steps, jit=jit)
     want = _hand_sam_sgd(_quad_grad_np, _leaves64(Q_W0), steps)
-    for g, w in zip(got, want):
-        for k, wk in zip(KEYS, w):
+    for g, w in zip(got, want, strict=True):
+        for k, wk in zip(KEYS, w, strict=True):
             np.testing.assert_allclose(np.asarray(g[k]), wk, rtol=1e-6, atol=1e-6)
     # The perturbation must matter: plain momentum SGD ends elsewhere.
     plain = _hand_sgd(_quad_grad_np, _leaves64(Q_W0), steps)[-1]
-    assert max(np.max(np.abs(a - b)) for a, b in zip(want[-1], plain)) > 1e-3
+    assert max(np.max(np.abs(a - b)) for a, b in zip(want[-1], plain, strict=True)) > 1e-3
 
 
 def test_sam_rho_zero_is_plain_sgd():
     steps = 3
     got = _run_tx(_tx(0.0), jax.grad(_quad_loss), _as_jax(Q_W0), steps)
     want = _hand_sgd(_quad_grad_np, _leaves64(Q_W0), steps)
-    for k, wk in zip(KEYS, want[-1]):
+    for k, wk in zip(KEYS, want[-1], strict=True):
         np.testing.assert_allclose(np.asarray(got[-1][k]), wk, rtol=1e-6, atol=1e-6)
 
 
@@ -147,7 +148,8 @@ def _hand_sam_sgd_tree(grad_fn, params, steps, rho=RHO):
     for _ in range(steps):
         g = grad_fn(w)
         n = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
-        g_sam = grad_fn(jax.tree.map(lambda wi, gi: wi + rho * gi / (n + 1e-12), w, g))
+        e = jax.tree.map(lambda gi: rho * gi / (n + 1e-12), g)  # noqa: B023 (called at once)
+        g_sam = grad_fn(jax.tree.map(jnp.add, w, e))
         m = jax.tree.map(lambda gs, wi, mi: gs + WD * wi + MOM * mi, g_sam, w, m)
         w = jax.tree.map(lambda wi, mi: wi - LR * mi, w, m)
         out.append(w)
@@ -161,10 +163,13 @@ def test_sam_matches_hand_two_pass_mlp():
     rho = 0.5  # large enough that SAM and SGD iterates differ clearly
     got = _run_tx(_tx(rho), grad_fn, params, steps, jit=True)
     want = _hand_sam_sgd_tree(grad_fn, params, steps, rho=rho)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), g, w)
     plain = _hand_sam_sgd_tree(grad_fn, params, steps, rho=0.0)[-1]
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(want[-1]), jax.tree.leaves(plain)))
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(want[-1]), jax.tree.leaves(plain), strict=True)
+    )
     assert diff > 1e-4
 
 
@@ -174,7 +179,9 @@ def test_sam_matches_hand_two_pass_mlp():
 def _perturbation_of(tx, grads, params):
     """With ``grad_fn = identity`` the SAM update is ``params + e``: returns ``e``."""
     updates, _ = tx.update(grads, tx.init(params), params, grad_fn=lambda p: p)
-    return jax.tree.map(lambda u, p: np.asarray(u, np.float64) - np.asarray(p, np.float64), updates, params)
+    return jax.tree.map(
+        lambda u, p: np.asarray(u, np.float64) - np.asarray(p, np.float64), updates, params
+    )
 
 
 def test_sam_perturbation_formula():
@@ -184,7 +191,7 @@ def test_sam_perturbation_formula():
     e = _perturbation_of(sam(rho), grads, params)
     g = _leaves64(Q_C)
     n = _global_norm(g)
-    for k, gk in zip(KEYS, g):
+    for k, gk in zip(KEYS, g, strict=True):
         np.testing.assert_allclose(e[k], rho * gk / n, atol=1e-6)
     assert _global_norm([e[k] for k in KEYS]) == pytest.approx(rho, rel=1e-5)
 
@@ -195,8 +202,8 @@ def test_asam_perturbation_formula():
     params = _as_jax(Q_W0)
     e = _perturbation_of(sam(rho, adaptive=True), grads, params)
     g, w = _leaves64(Q_C), _leaves64(Q_W0)
-    n = _global_norm([np.abs(wk) * gk for wk, gk in zip(w, g)])
-    for k, gk, wk in zip(KEYS, g, w):
+    n = _global_norm([np.abs(wk) * gk for wk, gk in zip(w, g, strict=True)])
+    for k, gk, wk in zip(KEYS, g, w, strict=True):
         np.testing.assert_allclose(e[k], rho * wk**2 * gk / (n + 1e-12), atol=1e-6)
     # ASAM differs from SAM unless |w| is constant.
     e_sam = _perturbation_of(sam(rho), grads, params)
@@ -260,7 +267,7 @@ def test_rho_schedule_follows_update_count():
         e = [np.asarray(updates[k], np.float64) - np.asarray(params[k], np.float64) for k in KEYS]
         rho_t = min(0.1 * t, 0.4)
         assert _global_norm(e) == pytest.approx(rho_t, abs=1e-6)
-        for ek, gk in zip(e, g):
+        for ek, gk in zip(e, g, strict=True):
             np.testing.assert_allclose(ek, rho_t * gk / n, atol=1e-6)
     assert int(state.count) == 6
 
@@ -284,7 +291,7 @@ def test_rho_schedule_eager_records_argument():
     n = _global_norm(g)
     assert len(seen) == 3
     for t, p in enumerate(seen):
-        for k, gk in zip(KEYS, g):
+        for k, gk in zip(KEYS, g, strict=True):
             np.testing.assert_allclose(
                 p[k], np.asarray(params[k], np.float64) + 0.05 * (t + 1) * gk / n, atol=1e-6
             )

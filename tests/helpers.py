@@ -1,0 +1,66 @@
+"""Shared test helpers: running ``samrobust.main`` in a subprocess and reading its outputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A few steps of a tiny PreActResNet on digits: seconds per run.
+TINY = [
+    "--config.width=4",
+    "--config.num_epochs=1",
+    "--config.batch_size=64",
+    "--config.eval_batch_size=64",
+    "--config.eval_num_examples=64",
+    "--config.log_every_steps=5",
+    "--config.checkpoint_every_steps=5",
+    "--config.attack.steps=2",
+    "--config.eval_pgd_steps=2",
+]
+
+
+def main_command(config: str, workdir: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "samrobust.main", f"--config={config}", f"--workdir={workdir}",
+            *overrides]
+
+
+def subprocess_env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, check: bool = True,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(main_command(config, workdir, *overrides), cwd=REPO,
+                          env=subprocess_env(devices), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_results(workdir: str) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> dict:
+    """The saved train state at ``step`` (default: latest) as a dict of numpy arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as mngr:
+        step = mngr.latest_step() if step is None else step
+        meta = mngr.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              meta)
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return jax.tree.map(np.asarray, state["state"])

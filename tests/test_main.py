@@ -1,0 +1,129 @@
+"""End-to-end tests of ``python -m samrobust.main`` on the offline digits dataset."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import (
+    REPO, TINY, load_checkpoint, main_command, read_results, run_main, subprocess_env,
+)
+
+MODES = ("sgd", "sam", "at", "sam_at")
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("mode", MODES)
+def test_main_runs_every_mode(tmp_path, mode, devices):
+    workdir = str(tmp_path / mode)
+    proc = run_main(f"configs/{mode}.py:digits", workdir, *TINY, devices=devices)
+    results = read_results(workdir)
+    assert results["mode"] == mode and results["dataset"] == "digits"
+    assert results["total_steps"] == 1437 // 64
+    assert set(results["accuracy"]) == {
+        "clean", "pgd2_ce_linf_1/255", "pgd2_ce_linf_2/255", "pgd2_ce_l2_16/255",
+        "pgd2_ce_l2_32/255",
+    }
+    for acc in results["accuracy"].values():
+        assert 0.0 <= acc <= 1.0
+    assert results["train_images_per_s"] > 0
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines if "train/loss" in x] == [5, 10, 15, 20, 22]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert "img/s" in proc.stderr and "ETA" in proc.stderr
+    assert f"{devices} devices" in proc.stderr
+
+
+def test_tensorboard_reads_the_event_file(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir = str(tmp_path / "tb")
+    run_main("configs/sgd.py:digits", workdir, *TINY)
+    acc = event_accumulator.EventAccumulator(workdir)
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10, 15, 20, 22]
+    assert "eval/clean" in acc.Tags()["scalars"]
+
+
+@pytest.mark.slow
+def test_default_digits_run_learns(tmp_path):
+    """The README's first command: far above chance (10%) on the digits test split."""
+    workdir = str(tmp_path / "sam")
+    run_main("configs/sam.py:digits", workdir, "--config.eval_num_examples=120")
+    assert read_results(workdir)["accuracy"]["clean"] > 0.9
+
+
+def _wait_for_checkpoint(workdir: str, step: int, proc: subprocess.Popen, timeout: float) -> None:
+    path = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.time() + timeout
+    while not os.path.isdir(path):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "run ended"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
+    overrides = [*TINY, "--config.num_epochs=2", "--config.checkpoint_every_steps=4",
+                 "--config.keep_checkpoints=20"]
+    reference = str(tmp_path / "reference")
+    run_main("configs/sam_at.py:digits", reference, *overrides, devices=devices)
+
+    resumed = str(tmp_path / "resumed")
+    proc = subprocess.Popen(main_command("configs/sam_at.py:digits", resumed, *overrides),
+                            cwd=REPO, env=subprocess_env(devices), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_checkpoint(resumed, 8, proc, timeout=300)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    steps_done = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))
+                        if s.isdigit())
+    assert steps_done[-1] < 44, "the run finished before it was killed"
+    proc = run_main("configs/sam_at.py:digits", resumed, *overrides, devices=devices)
+    assert f"resuming at step {steps_done[-1]}" in proc.stderr
+
+    a, b = load_checkpoint(reference), load_checkpoint(resumed)
+    assert int(a["step"]) == int(b["step"]) == 44
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """jax.distributed on 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices."""
+    overrides = [*TINY, "--config.num_epochs=1"]
+    single = str(tmp_path / "single")
+    run_main("configs/sam.py:digits", single, *overrides, devices=2)
+
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            main_command("configs/sam.py:digits", multi, *overrides,
+                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}"),
+            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    a, b = load_checkpoint(single), load_checkpoint(multi)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert read_results(multi)["total_steps"] == read_results(single)["total_steps"]

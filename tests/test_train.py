@@ -1,0 +1,240 @@
+"""Unit tests of the training system: config errors, the step's maths, checkpoints, NaN."""
+
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import at as at_config
+from configs import sam_at as sam_at_config
+from configs import sgd as sgd_config
+from samrobust import evaluate, input_pipeline, train
+from samrobust.checkpoint import CheckpointError, config_mismatch
+from tests.helpers import load_checkpoint
+
+
+def digits_config(module=sgd_config, **overrides):
+    config = module.get_config("digits")
+    config.width = 4
+    config.num_epochs = 1
+    config.batch_size = 64
+    config.eval_batch_size = 64
+    config.eval_num_examples = 64
+    config.eval_pgd_steps = 1
+    config.attack.steps = 1
+    for k, v in overrides.items():
+        target = config
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return config
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("mode", "adam", "config.mode = 'adam'"),
+        ("dataset", "imagenet", "config.dataset = 'imagenet'"),
+        ("model", "vgg", "config.model = 'vgg'"),
+        ("rho", -0.1, "config.rho = -0.1: must be >= 0"),
+        ("attack.eps", -1.0, "config.attack.eps = -1.0: must be >= 0"),
+        ("attack.steps", -2, "config.attack.steps = -2: must be >= 0"),
+        ("attack.norm", "l1", "config.attack.norm = 'l1'"),
+        ("batch_size", 12, "config.batch_size = 12: must be a positive multiple of the device"),
+        ("lr_schedule", "step", "config.lr_schedule = 'step'"),
+    ],
+)
+def test_invalid_config_fails_before_any_compute(tmp_path, key, value, message):
+    config = digits_config(**{key: value})
+    with pytest.raises(train.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "--config." + key in str(e.value)  # names the fix
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_tfds_dataset_fails_fast_with_the_fixes(tmp_path):
+    config = digits_config(dataset="cifar10", data_dir=str(tmp_path / "no_data"))
+    start = time.perf_counter()
+    with pytest.raises(input_pipeline.DatasetUnavailableError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert time.perf_counter() - start < 60  # not the minutes of download retries
+    for fix in ("--config.data_dir", "tfds build cifar10", ":digits"):
+        assert fix in str(e.value)
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = input_pipeline.load_digits(), input_pipeline.load_digits()
+    np.testing.assert_array_equal(a.test_labels, b.test_labels)
+    assert len(a.train_images) + len(a.test_images) == 1797
+    assert a.image_shape == (8, 8, 1) and a.train_images.max() <= 1.0
+    counts = np.bincount(a.test_labels, minlength=10) / np.bincount(
+        np.concatenate([a.train_labels, a.test_labels]), minlength=10)
+    np.testing.assert_allclose(counts, 0.2, atol=0.01)
+
+
+def test_train_batches_resume_and_host_slices():
+    images = np.arange(100, dtype=np.float32)[:, None]
+    labels = np.arange(100, dtype=np.int32)
+    full = input_pipeline.train_batches(images, labels, 20, seed=3)
+    seq = [next(full)[1] for _ in range(12)]
+    resumed = input_pipeline.train_batches(images, labels, 20, seed=3, start_step=7)
+    for s in range(7, 12):
+        np.testing.assert_array_equal(next(resumed)[1], seq[s])
+    # An epoch (5 steps) covers every example once; epochs differ in order.
+    assert sorted(np.concatenate(seq[:5])) == list(range(100))
+    assert not np.array_equal(np.concatenate(seq[:5]), np.concatenate(seq[5:10]))
+    hosts = [next(input_pipeline.train_batches(images, labels, 20, seed=3, process_index=i,
+                                               process_count=2))[1] for i in range(2)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(hosts)), np.sort(seq[0]))
+
+
+class TinyNet(nn.Module):
+    """Dense -> BatchNorm -> ReLU -> Dense on flattened inputs: small enough to check by hand."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(6)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(nn.relu(x))
+
+
+def test_sam_at_step_matches_independent_two_pass_computation():
+    """One sam_at step against PGD, SAM and momentum SGD written out by hand."""
+    config = digits_config(sam_at_config, rho=0.3, weight_decay=0.01, learning_rate=0.2)
+    config.attack.update(norm="linf", eps=0.1, step_size=0.04, steps=3)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
+    model = TinyNet()
+    tx = train.create_optimizer(config, total_steps=100)
+    options = train.StepOptions(attack=evaluate.PGDSpec("linf", 0.1, 0.04, 3))
+    state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+    x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
+    y = jnp.arange(8) % 3
+    key = jax.random.key(2)
+    step = train.make_train_step(model.apply, tx, options, mesh)
+    params0, stats0 = jax.device_get((state.params, state.batch_stats))
+    new_state, metrics = step(state, x, y, key)
+
+    # The step's documented key use: fold in step and device, split into (augment, attack).
+    k_attack = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 0), 0))[1]
+
+    def loss(p, z):
+        logits, upd = model.apply({"params": p, "batch_stats": stats0}, z, train=True,
+                                  mutable=["batch_stats"])
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)
+        return jnp.mean(ce), upd["batch_stats"]
+
+    z = jnp.clip(x + jax.random.uniform(k_attack, x.shape, minval=-0.1, maxval=0.1), 0, 1)
+    for _ in range(3):
+        gz = jax.grad(lambda z: loss(params0, z)[0] * 8)(z)
+        z = jnp.clip(x + jnp.clip(z + 0.04 * jnp.sign(gz) - x, -0.1, 0.1), 0, 1)
+    (l0, stats1), g = jax.value_and_grad(loss, has_aux=True)(params0, z)
+    gnorm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+    w_adv = jax.tree.map(lambda w, gi: w + 0.3 * gi / gnorm, params0, g)
+    g_sam = jax.grad(lambda p: loss(p, z)[0])(w_adv)
+    # optax.sgd with momentum: buffer = g (first step); update = -lr * buffer.
+    expected = jax.tree.map(lambda w, gi: w - 0.2 * (gi + 0.01 * w), params0, g_sam)
+
+    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats1),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # first pass's statistics
+    np.testing.assert_allclose(metrics["loss"], l0, rtol=1e-6)
+    assert int(new_state.step) == 1
+
+
+def test_per_device_and_synchronised_sam_differ_on_8_devices():
+    assert jax.device_count() == 8
+    mesh = evaluate.default_mesh()
+    model = TinyNet()
+    x = jax.random.uniform(jax.random.key(1), (16, 2, 2, 1))
+    y = jnp.arange(16) % 3
+    results = []
+    for sync in (False, True):
+        config = digits_config(sam_at_config, mode="sam", rho=0.5, sam_sync=sync)
+        tx = train.create_optimizer(config, total_steps=10)
+        state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+        step = train.make_train_step(model.apply, tx, train.StepOptions(), mesh)
+        new_state, _ = step(state, x, y, jax.random.key(3))
+        results.append(jax.device_get(new_state.params))
+    diff = max(float(np.max(np.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
+    assert diff > 1e-5
+
+
+def test_augment_crop_and_flip():
+    images = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    same = train.augment(jax.random.key(0), images, 0, False)
+    np.testing.assert_array_equal(same, images)
+    flipped = [train.augment(jax.random.key(k), images, 0, True) for k in range(20)]
+    assert any(np.array_equal(f[0], images[0, :, ::-1]) for f in flipped)
+    assert all(np.array_equal(f[0], images[0]) or np.array_equal(f[0], images[0, :, ::-1])
+               for f in flipped)
+    cropped = train.augment(jax.random.key(1), images, 1, False)
+    assert cropped.shape == images.shape
+    # A crop of the reflect-padded image: every output pixel value occurs in the input row set.
+    assert set(np.asarray(cropped[0]).ravel()) <= set(np.asarray(images[0]).ravel())
+
+
+def test_learning_rate_schedules():
+    config = digits_config(learning_rate=0.1)
+    lr = train.learning_rate_schedule(config, 100)
+    np.testing.assert_allclose([lr(0), lr(74), lr(75), lr(89), lr(90)],
+                               [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+    config.lr_schedule = "cosine"
+    lr = train.learning_rate_schedule(config, 100)
+    np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0.1, 0.05, 0.0], atol=1e-7)
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(digits_config(), workdir)
+    with pytest.raises(CheckpointError, match=r"width: checkpoint 4 vs now 8") as e:
+        train.train_and_evaluate(digits_config(width=8), workdir)
+    assert "new --workdir" in str(e.value)
+    # Logging/eval settings may change on resume.
+    assert config_mismatch(digits_config().to_dict(),
+                           digits_config(log_every_steps=7, eval_pgd_steps=3).to_dict()) == []
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(digits_config(), str(workdir))
+    step_dir = workdir / "checkpoints" / "22"
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and "manifest" not in f.name and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 64)
+    for f in (step_dir / "meta").rglob("*"):
+        if f.is_file():
+            f.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable|does not match") as e:
+        train.train_and_evaluate(digits_config(), str(workdir))
+    assert "Delete" in str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = digits_config(learning_rate=1e12, log_every_steps=1, checkpoint_every_steps=1,
+                           keep_checkpoints=50)
+    with pytest.raises(train.TrainingDivergedError, match="last good checkpoint") as e:
+        train.train_and_evaluate(config, workdir)
+    assert "--config.learning_rate" in str(e.value)
+    state = load_checkpoint(workdir)
+    assert 1 <= int(state["step"]) < 22
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(state["params"]))
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_at_config_defaults_are_the_papers():
+    config = at_config.get_config()
+    assert (config.dataset, config.model, config.width) == ("cifar10", "preact_resnet18", 64)
+    assert (config.num_epochs, config.batch_size, config.learning_rate) == (100, 128, 0.1)
+    assert (config.momentum, config.weight_decay) == (0.9, 5e-4)
+    assert config.attack.norm == "linf" and config.attack.steps == 5
+    np.testing.assert_allclose([config.attack.eps, config.attack.step_size], [8 / 255, 2 / 255])
