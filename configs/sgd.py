@@ -1,7 +1,7 @@
 """Standard training (SGD with momentum), the baseline.
 
-  python -m samrobust.main --config=configs/sgd.py --workdir=/tmp/sgd
-  python -m samrobust.main --config=configs/sgd.py:digits --workdir=/tmp/sgd_digits
+python -m samrobust.main --config=configs/sgd.py --workdir=/tmp/sgd
+python -m samrobust.main --config=configs/sgd.py:digits --workdir=/tmp/sgd_digits
 """
 
 from configs import default

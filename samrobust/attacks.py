@@ -18,7 +18,7 @@ CPU and not at all on GPU/TPU, where the loop costs nothing extra and compiles f
 ``experiments/bench_pgd.py`` measures both.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -20,9 +20,13 @@ and finally verifies the largest perturbation. :func:`autoattack_batch` is the s
 as one jittable function: every attack runs on the whole batch, and only points still robust
 take its result, which gives the same robust set. :func:`sanity_checks` reproduces the
 reference's warnings (``autoattack/checks.py``). Every attack is a pure function of
-``(x, y, key)`` that can be jitted with its configuration static; loops are ``lax.fori_loop``
-(``unroll`` as in :mod:`samrobust.attacks`), and an attack run (restart or target class) is
-skipped with ``lax.cond`` once every point of the batch is fooled.
+``(logits_fn, x, y, key)`` that can be jitted with its configuration static; loops are
+``lax.fori_loop`` (``unroll`` as in :mod:`samrobust.attacks`), and an attack run (restart or
+target class) is skipped with ``lax.cond`` once every point of the batch is fooled. Pass a
+model with large parameters as ``jax.tree_util.Partial(apply_fn, params)``: the driver then
+hands it to the jitted attacks as an argument instead of baking the parameters in as
+constants. Measured on one H100 (PreActResNet-18, CIFAR shapes, batch 250, full budgets):
+APGD-CE 0.4 s, APGD-T 3.5 s, FAB-T 5.1 s, Square 8.8-9.5 s per batch of robust points.
 
 Differences from the reference implementation (github.com/fra31/auto-attack), all deliberate:
 
@@ -36,15 +40,15 @@ Differences from the reference implementation (github.com/fra31/auto-attack), al
   runs the one with the largest Carlini-Wagner margin ``max_{j!=y} z_j - z_y``; Square: lowest
   margin) instead of the clean input, so progress can be measured. Fooled points get the
   first run's adversarial, as in the reference. Clean-misclassified points are returned as is.
-- DLR with fewer classes than it needs (the reference raises): untargeted DLR with 2 classes
-  and targeted DLR with 2 classes use denominator 1 (the plain margin); targeted DLR with 3
-  classes uses ``z_pi1 - z_pi3``. :func:`sanity_checks` warns as the reference does.
+- DLR with fewer classes than it needs (the reference fails): with 2 classes both DLR losses
+  use denominator 1 (the plain margin); targeted DLR with 3 classes uses ``z_pi1 - z_pi3``.
+  :func:`sanity_checks` warns as the reference does.
 - FAB's projection onto ``{<w, z> = b} \\cap [0, 1]^d`` is solved exactly by the same
   sort-and-cumulative-sum method as the reference (a breakpoint search on the radius), written
   as one closed form for Linf and L2.
-- Square: each example draws its own window position, signs and (L2) pattern orientation; the
-  reference shares one window per iteration across the batch, as the original Square code
-  does not. Window positions are uniform over all ``H - s + 1`` offsets (the reference never
+- Square: each example draws its own window position, signs and (L2) pattern orientation, as
+  in the original Square Attack code; the AutoAttack reference shares one window per query
+  across the batch. Window positions are uniform over all ``H - s + 1`` offsets (the reference never
   picks the last one). Windows are clamped to the image size for images smaller than the
   schedule assumes (the reference needs ``H >= 5``).
 - Randomised models (``version="rand"``, EOT) and the L1 versions are not implemented.
@@ -69,7 +73,7 @@ from samrobust.attacks import (
 )
 
 LogitsFn = Callable[[jax.Array], jax.Array]
-StageFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+StageFn = Callable[[LogitsFn, jax.Array, jax.Array, jax.Array], jax.Array]
 Array = jax.Array | np.ndarray
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -200,10 +204,10 @@ def _target_classes(logits: jax.Array, j: jax.Array) -> jax.Array:
 
 
 def apgd_checkpoints(n_iter: int) -> list[int]:
-    """Iterations after which APGD checks its step size: ``ceil``-free integer version of
-    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (times
-    ``n_iter``), as the reference computes it. For ``n_iter = 100``: 22, 41, 57, 70, 80, 87,
-    93, 99."""
+    """Iterations after which APGD checks its step size: ``p_j n_iter`` for ``p_0 = 0,
+    p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, in the reference's integer
+    form (intervals of ``int(0.22 n)`` shrinking by ``int(0.03 n)`` to at least
+    ``int(0.06 n)``). For ``n_iter = 100``: 22, 41, 57, 70, 80, 87, 93, 99."""
     k = max(int(0.22 * n_iter), 1)
     size_decr = max(int(0.03 * n_iter), 1)
     k_min = max(int(0.06 * n_iter), 1)
@@ -812,7 +816,6 @@ class AutoAttackResult(NamedTuple):
 
 def make_stage(
     name: str,
-    logits_fn: LogitsFn,
     *,
     eps: float,
     norm: str,
@@ -821,23 +824,23 @@ def make_stage(
     n_queries: int = 5000,
     unroll: int | bool | None = None,
 ) -> StageFn:
-    """The attack ``name`` of the standard protocol as ``(x, y, key) -> x_adv``."""
+    """The attack ``name`` of the standard protocol as ``(logits_fn, x, y, key) -> x_adv``."""
     if name == "apgd-ce":
         return functools.partial(
-            apgd, logits_fn, eps=eps, norm=norm, n_iter=n_iter, loss="ce", unroll=unroll
+            apgd, eps=eps, norm=norm, n_iter=n_iter, loss="ce", unroll=unroll
         )
     if name == "apgd-t":
         return functools.partial(
-            apgd_targeted, logits_fn, eps=eps, norm=norm, n_iter=n_iter,
+            apgd_targeted, eps=eps, norm=norm, n_iter=n_iter,
             n_target_classes=n_target_classes, unroll=unroll,
         )
     if name == "fab-t":
         return functools.partial(
-            fab_targeted, logits_fn, eps=eps, norm=norm, n_iter=n_iter,
+            fab_targeted, eps=eps, norm=norm, n_iter=n_iter,
             n_target_classes=n_target_classes, unroll=unroll,
         )
     if name == "square":
-        return functools.partial(square_attack, logits_fn, eps=eps, norm=norm, n_queries=n_queries)
+        return functools.partial(square_attack, eps=eps, norm=norm, n_queries=n_queries)
     raise ValueError(f"Unknown attack {name!r}; choose from {STANDARD_ATTACKS}")
 
 
@@ -865,10 +868,19 @@ def _standard_stages(
         raise ValueError(f"num_classes={num_classes} but the model outputs {out_dim} logits")
     names = STANDARD_ATTACKS if attacks is None else tuple(attacks)
     return [
-        (name, make_stage(name, logits_fn, eps=eps, norm=norm, n_iter=n_iter,
+        (name, make_stage(name, eps=eps, norm=norm, n_iter=n_iter,
                           n_target_classes=n_target_classes, n_queries=n_queries, unroll=unroll))
         for name in names
     ]
+
+
+def _jit_model(fn: Callable, logits_fn: LogitsFn) -> Callable:
+    """``jit(fn)(logits_fn, *args)`` as a function of ``args``; a pytree model (``jax.tree_util.
+    Partial``) is a traced argument, any other callable is closed over (static)."""
+    if isinstance(logits_fn, jax.tree_util.Partial):
+        jitted = jax.jit(fn)
+        return lambda *args: jitted(logits_fn, *args)
+    return jax.jit(functools.partial(fn, logits_fn))
 
 
 def run_cascade(
@@ -882,19 +894,24 @@ def run_cascade(
     norm: str,
     batch_size: int = 250,
 ) -> AutoAttackResult:
-    """Runs ``stages`` (name, ``(x, y, key) -> x_adv``) as a cascade, on the host.
+    """Runs ``stages`` (name, ``(logits_fn, x, y, key) -> x_adv``) as a cascade, on the host.
 
     Before each stage the points still robust are gathered into batches of
     ``min(batch_size, N)`` (the last one padded by repetition, so each stage compiles once).
     A returned point counts only if :func:`is_adversarial` holds for it. Raises
     ``RuntimeError`` if a final perturbation leaves the ball (+1e-6) or ``[0, 1]``.
+
+    Each stage is jitted for this call. A ``logits_fn`` that is a pytree, e.g.
+    ``jax.tree_util.Partial(apply_fn, params)``, is passed to the jitted functions as an
+    argument, so its arrays are not baked into the executables as constants (they are for a
+    plain closure).
     """
     x = np.asarray(x)
     y = np.asarray(y)
     n = x.shape[0]
     bs = max(1, min(batch_size, n))
-    predict = jax.jit(lambda xb: jnp.argmax(logits_fn(xb), axis=-1))
-    check = jax.jit(functools.partial(is_adversarial, logits_fn, eps=eps, norm=norm))
+    predict = _jit_model(lambda f, xb: jnp.argmax(f(xb), axis=-1), logits_fn)
+    check = _jit_model(functools.partial(is_adversarial, eps=eps, norm=norm), logits_fn)
 
     def batches(idx):
         for start in range(0, len(idx), bs):
@@ -908,7 +925,7 @@ def run_cascade(
     x_adv = x.copy()
     masks: dict[str, np.ndarray] = {}
     for si, (name, fn) in enumerate(stages):
-        attack = jax.jit(fn)
+        attack = _jit_model(fn, logits_fn)
         for bi, chunk, padded in batches(np.flatnonzero(robust)):
             kb = jax.random.fold_in(jax.random.fold_in(key, si), bi)
             xb, yb = jnp.asarray(x[padded]), jnp.asarray(y[padded])
@@ -984,7 +1001,7 @@ def autoattack_batch(
     clean = jnp.argmax(logits_fn(x), axis=-1) == y
     robust, x_adv, masks = clean, x, {}
     for si, (name, fn) in enumerate(stages):
-        adv = fn(x, y, jax.random.fold_in(key, si))
+        adv = fn(logits_fn, x, y, jax.random.fold_in(key, si))
         fooled = robust & is_adversarial(logits_fn, x, adv, y, eps=eps, norm=norm)
         x_adv = jnp.where(fooled.reshape(_batch_shape(x)), adv, x_adv)
         robust = robust & ~fooled
@@ -1056,7 +1073,9 @@ def sanity_checks(
 
     # The DLR loss is constant where y ranks third, so only the attacked (correctly
     # classified) points are checked, as in the reference (which checks inside APGD).
-    grad_fn = jax.jit(jax.grad(lambda xb, yb: jnp.sum(dlr_loss(logits_fn(xb), yb))))
+    grad_fn = _jit_model(
+        jax.grad(lambda f, xb, yb: jnp.sum(dlr_loss(f(xb), yb)), argnums=1), logits_fn
+    )
     correct = out.argmax(-1) == y
     zero = 0
     for i in range(0, n, bs):

@@ -43,7 +43,9 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ between two config dicts, resumable keys aside."""
     a, b = _flatten(saved), _flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
-    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [
+        f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)
+    ]
 
 
 class Checkpointer:

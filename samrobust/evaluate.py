@@ -63,10 +63,14 @@ def make_correct_fn(logits_fn: LogitsFn, spec: PGDSpec | None, mesh: Mesh) -> Ca
     one compiled program.
     """
     if spec is None:
-        return functools.partial(_correct_fn(logits_fn, None, None, None, mesh), eps=0.0,
-                                 step_size=0.0)
-    return functools.partial(_correct_fn(logits_fn, spec.norm, spec.steps, spec.loss, mesh),
-                             eps=spec.eps, step_size=spec.step_size)
+        return functools.partial(
+            _correct_fn(logits_fn, None, None, None, mesh), eps=0.0, step_size=0.0
+        )
+    return functools.partial(
+        _correct_fn(logits_fn, spec.norm, spec.steps, spec.loss, mesh),
+        eps=spec.eps,
+        step_size=spec.step_size,
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,14 +79,23 @@ def _correct_fn(logits_fn, norm, steps, loss, mesh):
         if norm is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
             loss_fn = attacks.input_loss(lambda z: logits_fn(variables, z), loss)
-            x = attacks.pgd(loss_fn, x, y, key, eps=eps, step_size=step_size, steps=steps,
-                            norm=norm)
+            x = attacks.pgd(
+                loss_fn, x, y, key, eps=eps, step_size=step_size, steps=steps, norm=norm
+            )
         return jnp.argmax(logits_fn(variables, x), axis=-1) == y
 
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(), P(), P()),
-                           out_specs=P(AXIS), check_vma=False)
-    return jax.jit(lambda variables, x, y, key, *, eps, step_size: mapped(
-        variables, x, y, key, jnp.float32(eps), jnp.float32(step_size)))
+    mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(AXIS), P(), P(), P()),
+        out_specs=P(AXIS),
+        check_vma=False,
+    )
+    return jax.jit(
+        lambda variables, x, y, key, *, eps, step_size: mapped(
+            variables, x, y, key, jnp.float32(eps), jnp.float32(step_size)
+        )
+    )
 
 
 def _global(mesh: Mesh, local: np.ndarray) -> jax.Array:
@@ -103,8 +116,11 @@ def correctness(
     out = []
     for i, (x, y, _) in enumerate(
         eval_batches(
-            images, labels, batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            images,
+            labels,
+            batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
     ):
         c = correct_fn(variables, _global(mesh, x), _global(mesh, y), jax.random.fold_in(key, i))
@@ -133,8 +149,15 @@ def pgd_suite(
     for spec in (None, *specs):
         name = "clean" if spec is None else spec.name
         fn = make_correct_fn(logits_fn, spec, mesh)
-        correctness(fn, variables, images[:batch_size], labels[:batch_size], key,
-                    batch_size=batch_size, mesh=mesh)  # compile outside the timing
+        correctness(
+            fn,
+            variables,
+            images[:batch_size],
+            labels[:batch_size],
+            key,
+            batch_size=batch_size,
+            mesh=mesh,
+        )  # compile outside the timing
         start = time.perf_counter()
         mask = correctness(fn, variables, images, labels, key, batch_size=batch_size, mesh=mesh)
         rates[name] = len(images) / (time.perf_counter() - start)

@@ -37,9 +37,14 @@ def main(argv):
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
-    logging.info("JAX %s: %d devices (%d local), process %d of %d", jax.__version__,
-                 jax.device_count(), jax.local_device_count(), jax.process_index(),
-                 jax.process_count())
+    logging.info(
+        "JAX %s: %d devices (%d local), process %d of %d",
+        jax.__version__,
+        jax.device_count(),
+        jax.local_device_count(),
+        jax.process_index(),
+        jax.process_count(),
+    )
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

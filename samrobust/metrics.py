@@ -38,9 +38,13 @@ class MetricWriter:
         """Logs ``scalars`` at ``step``; ``extra`` fields go to the JSON line only."""
         if not self.enabled:
             return
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        values = [
+            summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()
+        ]
         self._write_event(
-            event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
+            event_pb2.Event(
+                wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)
+            )
         )
         record = {"step": step, **{k: float(v) for k, v in scalars.items()}, **extra}
         self._jsonl.write(json.dumps(record) + "\n")

@@ -44,7 +44,9 @@ class PreActBlock(nn.Module):
     def __call__(self, x, train: bool):
         out = nn.relu(self.norm()(x))
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = self.conv(self.features, (1, 1), (self.stride, self.stride), name="shortcut")(out)
+            shortcut = self.conv(
+                self.features, (1, 1), (self.stride, self.stride), name="shortcut"
+            )(out)
         else:
             shortcut = x
         out = self.conv(self.features, (3, 3), (self.stride, self.stride))(out)
@@ -93,7 +95,12 @@ class _PreActNet(nn.Module):
 
 
 def preact_resnet18(
-    num_classes: int, mean: Sequence[float], std: Sequence[float], *, width: int = 64, dtype: Any = jnp.float32
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    width: int = 64,
+    dtype: Any = jnp.float32,
 ) -> nn.Module:
     """PreActResNet-18 of the paper's code; ``width`` is the first stage's channel count."""
     return _PreActNet(

@@ -39,7 +39,8 @@ the caller's control. To get auxiliary outputs of the perturbed pass (logits, ne
 BatchNorm statistics), call :func:`sam_gradient` directly.
 """
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -78,28 +78,44 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             raise ConfigError(f"config.{key} = {value!r}: {what} (e.g. --config.{key}={example})")
 
     check(config.mode in MODES, "mode", f"must be one of {MODES}", "sam")
-    check(config.dataset in input_pipeline.DATASETS, "dataset",
-          f"must be one of {input_pipeline.DATASETS}", "digits")
-    check(config.model in models.MODELS, "model", f"must be one of {models.MODELS}",
-          "preact_resnet18")
+    check(
+        config.dataset in input_pipeline.DATASETS,
+        "dataset",
+        f"must be one of {input_pipeline.DATASETS}",
+        "digits",
+    )
+    check(
+        config.model in models.MODELS, "model", f"must be one of {models.MODELS}", "preact_resnet18"
+    )
     check(config.width > 0, "width", "must be > 0", "64")
     check(config.rho >= 0, "rho", "must be >= 0", "0.05")
-    check(config.attack.norm in attacks.NORMS, "attack.norm", f"must be one of {attacks.NORMS}",
-          "linf")
+    check(
+        config.attack.norm in attacks.NORMS,
+        "attack.norm",
+        f"must be one of {attacks.NORMS}",
+        "linf",
+    )
     check(config.attack.eps >= 0, "attack.eps", "must be >= 0", "0.0314")
     check(config.attack.step_size >= 0, "attack.step_size", "must be >= 0", "0.0078")
     check(config.attack.steps >= 0, "attack.steps", "must be >= 0", "5")
     check(config.num_epochs > 0, "num_epochs", "must be > 0", "100")
     check(config.learning_rate > 0, "learning_rate", "must be > 0", "0.1")
-    check(config.lr_schedule in LR_SCHEDULES, "lr_schedule", f"must be one of {LR_SCHEDULES}",
-          "cosine")
+    check(
+        config.lr_schedule in LR_SCHEDULES,
+        "lr_schedule",
+        f"must be one of {LR_SCHEDULES}",
+        "cosine",
+    )
     check(config.weight_decay >= 0, "weight_decay", "must be >= 0", "5e-4")
     check(config.eval_pgd_steps >= 0, "eval_pgd_steps", "must be >= 0", "10")
     check(config.crop_padding >= 0, "crop_padding", "must be >= 0", "4")
     for key in ("batch_size", "eval_batch_size"):
-        check(config[key] > 0 and config[key] % num_devices == 0, key,
-              f"must be a positive multiple of the device count ({num_devices})",
-              str(max(num_devices, 1) * 16))
+        check(
+            config[key] > 0 and config[key] % num_devices == 0,
+            key,
+            f"must be a positive multiple of the device count ({num_devices})",
+            str(max(num_devices, 1) * 16),
+        )
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(config[key] > 0, key, "must be > 0", "100")
 
@@ -175,7 +191,9 @@ def train_step(
 
     def loss_fn(params, inputs):
         logits, new_vars = apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+            {"params": params, "batch_stats": state.batch_stats},
+            inputs,
+            train=True,
             mutable=["batch_stats"],
         )
         loss = jnp.mean(attacks.cross_entropy(logits, labels))
@@ -184,8 +202,14 @@ def train_step(
     if options.attack is not None:  # AT: train on PGD examples (train-mode BN, stats unused)
         a = options.attack
         x = attacks.pgd(
-            attacks.input_loss(lambda z: loss_fn(state.params, z)[1][0]), x, labels, k_attack,
-            eps=a.eps, step_size=a.step_size, steps=a.steps, norm=a.norm,
+            attacks.input_loss(lambda z: loss_fn(state.params, z)[1][0]),
+            x,
+            labels,
+            k_attack,
+            eps=a.eps,
+            step_size=a.step_size,
+            steps=a.steps,
+            norm=a.norm,
         )
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -212,7 +236,10 @@ def make_train_step(apply_fn: Any, tx: Any, options: StepOptions, mesh: Mesh):
     """
     step = functools.partial(train_step, apply_fn=apply_fn, tx=tx, options=options)
     mapped = jax.shard_map(
-        step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=(P(), P()),
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(AXIS), P(AXIS), P()),
+        out_specs=(P(), P()),
         check_vma=False,
     )
     return jax.jit(mapped, donate_argnums=0)
@@ -250,7 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, writes results."""
     validate_config(config, jax.device_count())
     if config.batch_size % jax.process_count():
-        raise ConfigError(f"config.batch_size must divide by the process count {jax.process_count()}")
+        raise ConfigError(
+            f"config.batch_size must divide by the process count {jax.process_count()}"
+        )
     ds = input_pipeline.load(config.dataset, config.data_dir)
     steps_per_epoch = len(ds.train_images) // config.batch_size
     if steps_per_epoch == 0:
@@ -262,7 +291,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     is_chief = jax.process_index() == 0
 
     model = models.create_model(
-        config.model, ds.num_classes, ds.mean, ds.std, width=config.width,
+        config.model,
+        ds.num_classes,
+        ds.mean,
+        ds.std,
+        width=config.width,
         dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
     )
     tx = create_optimizer(config, total_steps)
@@ -272,8 +305,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = create_train_state(init_key, model, tx, ds.image_shape, mesh)
 
     config_dict = config.to_dict()
-    ckpt = Checkpointer(workdir, config_dict, every_steps=config.checkpoint_every_steps,
-                        keep=config.keep_checkpoints)
+    ckpt = Checkpointer(
+        workdir,
+        config_dict,
+        every_steps=config.checkpoint_every_steps,
+        keep=config.keep_checkpoints,
+    )
     restored = ckpt.restore(state)
     if restored is not None:
         state = restored
@@ -282,24 +319,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
-    logging.info("%s on %s: %d steps (%d epochs x %d), global batch %d on %d devices, %s",
-                 config.mode, ds.name, total_steps, config.num_epochs, steps_per_epoch,
-                 config.batch_size, jax.device_count(),
-                 f"resuming at step {start_step}" if start_step else "from scratch")
+    logging.info(
+        "%s on %s: %d steps (%d epochs x %d), global batch %d on %d devices, %s",
+        config.mode,
+        ds.name,
+        total_steps,
+        config.num_epochs,
+        steps_per_epoch,
+        config.batch_size,
+        jax.device_count(),
+        f"resuming at step {start_step}" if start_step else "from scratch",
+    )
 
     writer = MetricWriter(workdir, enabled=is_chief)
     step_fn = make_train_step(model.apply, tx, step_options(config), mesh)
     lr_fn = learning_rate_schedule(config, total_steps)
     batches = input_pipeline.prefetch(
         input_pipeline.train_batches(
-            ds.train_images, ds.train_labels, config.batch_size, seed=config.seed,
-            start_step=start_step, process_index=jax.process_index(),
+            ds.train_images,
+            ds.train_labels,
+            config.batch_size,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
     )
 
     pending: list[dict[str, jax.Array]] = []
-    timed_steps, timed_seconds, t_last = 0, 0.0, None
+    timed_steps, timed_seconds, t_last, last_step = 0, 0.0, None, start_step
 
     def flush(step: int) -> dict[str, float]:
         """Fetches pending metrics; stops the run if any loss is not finite."""
@@ -333,12 +381,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 rate = timed_steps * config.batch_size / timed_seconds if timed_steps else 0.0
                 eta = (total_steps - step) * timed_seconds / timed_steps if timed_steps else 0.0
                 summary["learning_rate"] = float(lr_fn(step - 1))
-                writer.write(step, {f"train/{k}": v for k, v in summary.items()},
-                             images_per_s=rate)
-                logging.info("step %d/%d (%.0f%%) loss %.4f acc %.3f lr %.4g | %.0f img/s | ETA %s",
-                             step, total_steps, 100 * step / total_steps, summary["loss"],
-                             summary["accuracy"], summary["learning_rate"], rate,
-                             _format_seconds(eta))
+                writer.write(step, {f"train/{k}": v for k, v in summary.items()}, images_per_s=rate)
+                logging.info(
+                    "step %d/%d (%.0f%%) loss %.4f acc %.3f lr %.4g | %.0f img/s | ETA %s",
+                    step,
+                    total_steps,
+                    100 * step / total_steps,
+                    summary["loss"],
+                    summary["accuracy"],
+                    summary["learning_rate"],
+                    rate,
+                    _format_seconds(eta),
+                )
         if ckpt_due:
             ckpt.save(step, state, force=step == total_steps)
     ckpt.close()
@@ -352,16 +406,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     report = evaluate.pgd_suite(
         evaluate.model_logits_fn(model.apply),
         {"params": state.params, "batch_stats": state.batch_stats},
-        ds.test_images[:n_eval], ds.test_labels[:n_eval],
+        ds.test_images[:n_eval],
+        ds.test_labels[:n_eval],
         specs=[dataclasses.replace(s, steps=config.eval_pgd_steps) for s in evaluate.PAPER_SUITE],
-        batch_size=config.eval_batch_size, seed=config.seed, mesh=mesh,
+        batch_size=config.eval_batch_size,
+        seed=config.seed,
+        mesh=mesh,
     )
     results = {
         "mode": config.mode,
         "dataset": ds.name,
         "total_steps": int(state.step),
         "train_images_per_s": timed_steps * config.batch_size / timed_seconds
-        if timed_steps else None,
+        if timed_steps
+        else None,
         "train_seconds": timed_seconds,
         "test_examples": n_eval,
         "accuracy": report["accuracy"],
@@ -372,7 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_chief:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        np.savez_compressed(os.path.join(workdir, "eval_masks.npz"), **{
-            k.replace("/", "_"): v for k, v in report["masks"].items()})
+        np.savez_compressed(
+            os.path.join(workdir, "eval_masks.npz"),
+            **{k.replace("/", "_"): v for k, v in report["masks"].items()},
+        )
     logging.info("results: %s", json.dumps(results["accuracy"]))
     return results

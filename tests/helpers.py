@@ -24,8 +24,14 @@ TINY = [
 
 
 def main_command(config: str, workdir: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "samrobust.main", f"--config={config}", f"--workdir={workdir}",
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "samrobust.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def subprocess_env(devices: int) -> dict[str, str]:
@@ -36,11 +42,22 @@ def subprocess_env(devices: int) -> dict[str, str]:
     return env
 
 
-def run_main(config: str, workdir: str, *overrides: str, devices: int = 1, check: bool = True,
-             timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(main_command(config, workdir, *overrides), cwd=REPO,
-                          env=subprocess_env(devices), capture_output=True, text=True,
-                          timeout=timeout)
+def run_main(
+    config: str,
+    workdir: str,
+    *overrides: str,
+    devices: int = 1,
+    check: bool = True,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        main_command(config, workdir, *overrides),
+        cwd=REPO,
+        env=subprocess_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode:
         raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -60,7 +77,8 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as mngr:
         step = mngr.latest_step() if step is None else step
         meta = mngr.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              meta)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
+        )
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return jax.tree.map(np.asarray, state["state"])

@@ -171,6 +171,48 @@ def test_pgd_stays_in_ball_and_box(x, eps, norm, random_start_, seed):
     assert np.all(np.isfinite(x_adv))
 
 
+@pytest.mark.parametrize("norm,eps,step_size", [("linf", 0.1, 0.03), ("l2", 0.6, 0.2)])
+def test_pgd_matches_hand_loop_on_nonlinear_model(norm, eps, step_size):
+    """PGD on a tanh MLP (the gradient changes along the path) against a numpy loop."""
+    rng = np.random.default_rng(11)
+    x = rng.uniform(0, 1, SHAPE)
+    x[0, 0] = 0.0  # the box is active here
+    x[1, 1] = 1.0
+    y = np.array([0, 1, 2, 0], np.int32)
+    steps = 6
+    got = pgd(
+        _MLP_LOSS,
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(y),
+        jax.random.key(0),
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        norm=norm,
+        random_start_=False,
+        unroll=1,
+    )
+    grad = jax.grad(_MLP_LOSS)
+    d = np.zeros_like(x)
+    for _ in range(steps):
+        g = np.asarray(grad(jnp.asarray(x + d, jnp.float32), jnp.asarray(y)), np.float64)
+        if norm == "linf":
+            d = np.clip(d + step_size * np.sign(g), -eps, eps)
+        else:
+            gn = np.sqrt(np.sum(g**2, axis=(1, 2, 3), keepdims=True))
+            d = d + step_size * g / gn
+            dn = np.sqrt(np.sum(d**2, axis=(1, 2, 3), keepdims=True))
+            d = d * np.minimum(1.0, eps / dn)
+        d = np.clip(x + d, 0.0, 1.0) - x
+    np.testing.assert_allclose(np.asarray(got), x + d, atol=1e-5)
+    # The gradient is not constant: a fixed-direction attack lands elsewhere.
+    g0 = np.asarray(grad(jnp.asarray(x, jnp.float32), jnp.asarray(y)), np.float64)
+    d0 = eps * (
+        np.sign(g0) if norm == "linf" else g0 / np.sqrt(np.sum(g0**2, (1, 2, 3), keepdims=True))
+    )
+    assert np.max(np.abs((np.clip(x + d0, 0, 1) - x) - d)) > 1e-3
+
+
 def test_unroll_factors_agree():
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.uniform(0, 1, SHAPE), jnp.float32)

@@ -277,7 +277,9 @@ def test_apgd_ce_and_apgd_t_succeed_at_least_as_often_as_pgd(linear5):
 
 def test_cascade_counts_a_point_robust_only_if_every_attack_failed():
     """Fake stages: each 'fools' a fixed set; invalid points must not count."""
-    f = linear_model(np.eye(D, 2, dtype=np.float32))  # class = argmax(x_0, x_1)
+    # class = argmax(x_0, x_1); a pytree model, passed to the jitted stages as an argument
+    f = jax.tree_util.Partial(lambda w, xb: xb.reshape(xb.shape[0], -1) @ w,
+                              jnp.eye(D, 2, dtype=jnp.float32))
     n = 10
     x = np.full((n, H, H, 1), 0.5, np.float32)
     x[:, 0, 0, 0] = 0.6  # class 0 with margin 0.1
@@ -289,7 +291,7 @@ def test_cascade_counts_a_point_robust_only_if_every_attack_failed():
         sel = np.zeros((n, 1, 1, 1), np.float32)
         sel[list(points)] = 1.0
 
-        def stage(xb, yb, key):
+        def stage(model, xb, yb, key):
             # batches hold points in order of their index among those still robust
             idx = jnp.asarray(np.flatnonzero(sel[:, 0, 0, 0]))
             ids = jnp.round(xb[:, 3, 3, 0] * 1000).astype(jnp.int32) - 100

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
-    REPO, TINY, load_checkpoint, main_command, read_results, run_main, subprocess_env,
+    REPO,
+    TINY,
+    load_checkpoint,
+    main_command,
+    read_results,
+    run_main,
+    subprocess_env,
 )
 
 MODES = ("sgd", "sam", "at", "sam_at")
@@ -27,7 +33,10 @@ def test_main_runs_every_mode(tmp_path, mode, devices):
     assert results["mode"] == mode and results["dataset"] == "digits"
     assert results["total_steps"] == 1437 // 64
     assert set(results["accuracy"]) == {
-        "clean", "pgd2_ce_linf_1/255", "pgd2_ce_linf_2/255", "pgd2_ce_l2_16/255",
+        "clean",
+        "pgd2_ce_linf_1/255",
+        "pgd2_ce_linf_2/255",
+        "pgd2_ce_l2_16/255",
         "pgd2_ce_l2_32/255",
     }
     for acc in results["accuracy"].values():
@@ -71,22 +80,31 @@ def _wait_for_checkpoint(workdir: str, step: int, proc: subprocess.Popen, timeou
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
-    overrides = [*TINY, "--config.num_epochs=2", "--config.checkpoint_every_steps=4",
-                 "--config.keep_checkpoints=20"]
+    overrides = [
+        *TINY,
+        "--config.num_epochs=2",
+        "--config.checkpoint_every_steps=4",
+        "--config.keep_checkpoints=20",
+    ]
     reference = str(tmp_path / "reference")
     run_main("configs/sam_at.py:digits", reference, *overrides, devices=devices)
 
     resumed = str(tmp_path / "resumed")
-    proc = subprocess.Popen(main_command("configs/sam_at.py:digits", resumed, *overrides),
-                            cwd=REPO, env=subprocess_env(devices), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        main_command("configs/sam_at.py:digits", resumed, *overrides),
+        cwd=REPO,
+        env=subprocess_env(devices),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for_checkpoint(resumed, 8, proc, timeout=300)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    steps_done = sorted(int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))
-                        if s.isdigit())
+    steps_done = sorted(
+        int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")) if s.isdigit()
+    )
     assert steps_done[-1] < 44, "the run finished before it was killed"
     proc = run_main("configs/sam_at.py:digits", resumed, *overrides, devices=devices)
     assert f"resuming at step {steps_done[-1]}" in proc.stderr
@@ -113,11 +131,20 @@ def test_two_processes_match_one_process(tmp_path):
     port = _free_port()
     procs = [
         subprocess.Popen(
-            main_command("configs/sam.py:digits", multi, *overrides,
-                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                         f"--process_id={i}"),
-            cwd=REPO, env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            main_command(
+                "configs/sam.py:digits",
+                multi,
+                *overrides,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=REPO,
+            env=subprocess_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     for p in procs:

@@ -50,7 +50,9 @@ def digits_config(module=sgd_config, **overrides):
 )
 def test_invalid_config_fails_before_any_compute(tmp_path, key, value, message):
     config = digits_config(**{key: value})
-    with pytest.raises(train.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+    with pytest.raises(
+        train.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")
+    ) as e:
         train.train_and_evaluate(config, str(tmp_path))
     assert "--config." + key in str(e.value)  # names the fix
     assert not (tmp_path / "checkpoints").exists()
@@ -72,7 +74,8 @@ def test_digits_split_is_fixed_and_stratified():
     assert len(a.train_images) + len(a.test_images) == 1797
     assert a.image_shape == (8, 8, 1) and a.train_images.max() <= 1.0
     counts = np.bincount(a.test_labels, minlength=10) / np.bincount(
-        np.concatenate([a.train_labels, a.test_labels]), minlength=10)
+        np.concatenate([a.train_labels, a.test_labels]), minlength=10
+    )
     np.testing.assert_allclose(counts, 0.2, atol=0.01)
 
 
@@ -87,8 +90,14 @@ def test_train_batches_resume_and_host_slices():
     # An epoch (5 steps) covers every example once; epochs differ in order.
     assert sorted(np.concatenate(seq[:5])) == list(range(100))
     assert not np.array_equal(np.concatenate(seq[:5]), np.concatenate(seq[5:10]))
-    hosts = [next(input_pipeline.train_batches(images, labels, 20, seed=3, process_index=i,
-                                               process_count=2))[1] for i in range(2)]
+    hosts = [
+        next(
+            input_pipeline.train_batches(
+                images, labels, 20, seed=3, process_index=i, process_count=2
+            )
+        )[1]
+        for i in range(2)
+    ]
     np.testing.assert_array_equal(np.sort(np.concatenate(hosts)), np.sort(seq[0]))
 
 
@@ -123,8 +132,9 @@ def test_sam_at_step_matches_independent_two_pass_computation():
     k_attack = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 0), 0))[1]
 
     def loss(p, z):
-        logits, upd = model.apply({"params": p, "batch_stats": stats0}, z, train=True,
-                                  mutable=["batch_stats"])
+        logits, upd = model.apply(
+            {"params": p, "batch_stats": stats0}, z, train=True, mutable=["batch_stats"]
+        )
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)
         return jnp.mean(ce), upd["batch_stats"]
 
@@ -139,11 +149,11 @@ def test_sam_at_step_matches_independent_two_pass_computation():
     # optax.sgd with momentum: buffer = g (first step); update = -lr * buffer.
     expected = jax.tree.map(lambda w, gi: w - 0.2 * (gi + 0.01 * w), params0, g_sam)
 
-    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected),
-                         strict=True):
+    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats1),
-                         strict=True):
+    for got, want in zip(
+        jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats1), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)  # first pass's statistics
     np.testing.assert_allclose(metrics["loss"], l0, rtol=1e-6)
     assert int(new_state.step) == 1
@@ -163,8 +173,10 @@ def test_per_device_and_synchronised_sam_differ_on_8_devices():
         step = train.make_train_step(model.apply, tx, train.StepOptions(), mesh)
         new_state, _ = step(state, x, y, jax.random.key(3))
         results.append(jax.device_get(new_state.params))
-    diff = max(float(np.max(np.abs(a - b)))
-               for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True)
+    )
     assert diff > 1e-5
 
 
@@ -174,8 +186,9 @@ def test_augment_crop_and_flip():
     np.testing.assert_array_equal(same, images)
     flipped = [train.augment(jax.random.key(k), images, 0, True) for k in range(20)]
     assert any(np.array_equal(f[0], images[0, :, ::-1]) for f in flipped)
-    assert all(np.array_equal(f[0], images[0]) or np.array_equal(f[0], images[0, :, ::-1])
-               for f in flipped)
+    assert all(
+        np.array_equal(f[0], images[0]) or np.array_equal(f[0], images[0, :, ::-1]) for f in flipped
+    )
     cropped = train.augment(jax.random.key(1), images, 1, False)
     assert cropped.shape == images.shape
     # A crop of the reflect-padded image: every output pixel value occurs in the input row set.
@@ -185,8 +198,9 @@ def test_augment_crop_and_flip():
 def test_learning_rate_schedules():
     config = digits_config(learning_rate=0.1)
     lr = train.learning_rate_schedule(config, 100)
-    np.testing.assert_allclose([lr(0), lr(74), lr(75), lr(89), lr(90)],
-                               [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+    np.testing.assert_allclose(
+        [lr(0), lr(74), lr(75), lr(89), lr(90)], [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6
+    )
     config.lr_schedule = "cosine"
     lr = train.learning_rate_schedule(config, 100)
     np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0.1, 0.05, 0.0], atol=1e-7)
@@ -199,8 +213,12 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         train.train_and_evaluate(digits_config(width=8), workdir)
     assert "new --workdir" in str(e.value)
     # Logging/eval settings may change on resume.
-    assert config_mismatch(digits_config().to_dict(),
-                           digits_config(log_every_steps=7, eval_pgd_steps=3).to_dict()) == []
+    assert (
+        config_mismatch(
+            digits_config().to_dict(), digits_config(log_every_steps=7, eval_pgd_steps=3).to_dict()
+        )
+        == []
+    )
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
@@ -220,8 +238,9 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
-    config = digits_config(learning_rate=1e12, log_every_steps=1, checkpoint_every_steps=1,
-                           keep_checkpoints=50)
+    config = digits_config(
+        learning_rate=1e12, log_every_steps=1, checkpoint_every_steps=1, keep_checkpoints=50
+    )
     with pytest.raises(train.TrainingDivergedError, match="last good checkpoint") as e:
         train.train_and_evaluate(config, workdir)
     assert "--config.learning_rate" in str(e.value)

@@ -1,0 +1,288 @@
+"""Benchmarks of samrobust's real train step, PGD, evaluation and input pipeline.
+
+  python experiments/bench.py --width=16 --batch=32 --modes=sgd,sam,at --pgd_steps=5 \
+      --torch --json=experiments/results/bench_cpu.json
+
+Times the train step that ``samrobust.main`` uses (``train.make_train_step``, all devices)
+on synthetic in-memory CIFAR-shaped data: images/s, step time, compile time, peak memory
+and model FLOPs utilisation (GPU), with the SAM/SGD and AT/SGD step-time ratios against
+their targets (2.05x and 1.05*(k+1)x). Also times PGD-k (fori_loop rolled vs the default
+unroll vs k plain input gradients), the evaluation suites, and the input pipeline.
+``--torch`` runs the official recipe in PyTorch (``../shared/torch_ref_bench.py``, through
+``experiments/torch_reference.py``) in the same session on the same device. Needs no
+tensorflow.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import default as default_config  # noqa: E402
+from samrobust import attacks, evaluate, input_pipeline, models, train  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def timed(fn, *args, repeats: int) -> tuple[float, float]:
+    """(first-call seconds incl. compilation, mean seconds of ``repeats`` later calls)."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+    return first, (time.perf_counter() - t) / repeats
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def peak_tflops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+
+
+def bench_train(args, mode: str) -> dict:
+    config = default_config.get_config()
+    config.update(
+        mode=mode,
+        model=args.model,
+        width=args.width,
+        batch_size=args.batch,
+        half_precision=args.half_precision,
+        crop_padding=4,
+        flip=True,
+    )
+    config.attack.steps = args.pgd_steps
+    mesh = evaluate.default_mesh()
+    model = models.create_model(
+        args.model,
+        10,
+        (0.5,) * 3,
+        (0.25,) * 3,
+        width=args.width,
+        dtype=jnp.bfloat16 if args.half_precision else jnp.float32,
+    )
+    tx = train.create_optimizer(config, total_steps=1000)
+    state = train.create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
+    step = train.make_train_step(model.apply, tx, train.step_options(config), mesh)
+    rng = np.random.default_rng(0)
+    images, labels = train._global_batch(
+        mesh,
+        rng.random((args.batch, 32, 32, 3), np.float32),
+        rng.integers(0, 10, args.batch).astype(np.int32),
+    )
+    key = jax.random.key(1)
+    t = time.perf_counter()
+    compiled = step.lower(state, images, labels, key).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+
+    def run(state):
+        return compiled(state, images, labels, key)[0]
+
+    for _ in range(args.warmup):
+        state = run(state)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        state = run(state)
+    jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t) / args.steps
+    out = {
+        "mode": mode,
+        "step_ms": 1e3 * step_s,
+        "images_per_s": args.batch / step_s,
+        "compile_s": compile_s,
+        "peak_bytes": peak_memory_bytes(),
+        "flops_per_step": flops,
+    }
+    peak = peak_tflops()
+    if flops and peak:
+        out["mfu"] = flops / step_s / (peak * 1e12)
+    return out
+
+
+def bench_pgd(args) -> list[dict]:
+    """PGD-k per-step cost: rolled fori_loop vs the default unroll vs k single gradients."""
+    model = models.create_model(args.model, 10, (0.5,) * 3, (0.25,) * 3, width=args.width)
+    x = jax.random.uniform(jax.random.key(0), (args.batch, 32, 32, 3))
+    y = jnp.arange(args.batch) % 10
+    variables = jax.jit(lambda: model.init(jax.random.key(1), x[:1], train=False))()
+    loss_fn = attacks.input_loss(lambda z: model.apply(variables, z, train=False))
+    grad = jax.jit(jax.grad(loss_fn))
+    _, grad_s = timed(grad, x, y, repeats=args.steps)
+    rows = []
+    for k in (5, 10):
+        row = {"k": k, "grad_ms": 1e3 * grad_s}
+        for name, unroll in (("rolled", 1), ("default", None)):
+            fn = jax.jit(
+                lambda x, y, key, k=k, unroll=unroll: attacks.pgd(
+                    loss_fn, x, y, key, eps=8 / 255, step_size=2 / 255, steps=k, unroll=unroll
+                )
+            )
+            compile_s, s = timed(fn, x, y, jax.random.key(2), repeats=args.steps)
+            row[f"{name}_ms_per_step"] = 1e3 * s / k
+            row[f"{name}_compile_s"] = compile_s
+        row["default_vs_grad"] = row["default_ms_per_step"] / row["grad_ms"]
+        row["rolled_vs_grad"] = row["rolled_ms_per_step"] / row["grad_ms"]
+        rows.append(row)
+    return rows
+
+
+def bench_eval(args) -> dict:
+    """Images/s of the paper's PGD-10 budget (and AutoAttack when available)."""
+    model = models.create_model(args.model, 10, (0.5,) * 3, (0.25,) * 3, width=args.width)
+    mesh = evaluate.default_mesh()
+    n = args.batch * 2
+    images = np.random.default_rng(0).random((n, 32, 32, 3), np.float32)
+    labels = np.arange(n, dtype=np.int32) % 10
+    variables = jax.jit(lambda: model.init(jax.random.key(1), images[:1], train=False))()
+    report = evaluate.pgd_suite(
+        evaluate.model_logits_fn(model.apply),
+        variables,
+        images,
+        labels,
+        specs=evaluate.PAPER_SUITE[:1],
+        batch_size=args.batch,
+        mesh=mesh,
+    )
+    return {f"{k}_images_per_s": v for k, v in report["images_per_s"].items()}
+
+
+def bench_input(args) -> dict:
+    """Host batches/s of the in-memory batcher (digits, and CIFAR-shaped arrays as tfds gives)."""
+    out = {}
+    digits = input_pipeline.load_digits()
+    cifar_like = np.random.default_rng(0).random((50_000, 32, 32, 3), np.float32)
+    for name, images, labels in (
+        ("digits", digits.train_images, digits.train_labels),
+        ("cifar_shaped", cifar_like, np.zeros(50_000, np.int32)),
+    ):
+        batch = min(args.batch, len(images))
+        it = input_pipeline.prefetch(input_pipeline.train_batches(images, labels, batch, seed=0))
+        next(it)
+        t = time.perf_counter()
+        for _ in range(50):
+            next(it)
+        out[f"{name}_images_per_s"] = 50 * batch / (time.perf_counter() - t)
+    return out
+
+
+def bench_torch(args) -> dict:
+    """The PyTorch reference (``experiments/torch_reference.py``) on this backend's device."""
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference.py")
+    modes = ",".join(m for m in args.modes.split(",") if m in ("sgd", "sam", "at"))
+    cmd = [sys.executable, script, "--device", device, "--batch", str(args.batch),
+           "--width", str(args.width), "--pgd-steps", str(args.pgd_steps),
+           "--steps", str(args.steps), "--modes", modes]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = {}
+    for line in proc.stdout.splitlines():  # "torch sgd: 123.4 img/s"
+        if line.startswith("torch "):
+            mode, rate = line[6:].split(":")
+            out[mode] = float(rate.split()[0])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="preact_resnet18", choices=models.MODELS)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--modes", default="sgd,sam,at,sam_at")
+    p.add_argument("--pgd_steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--half_precision", action="store_true")
+    p.add_argument("--sections", default="train,pgd,eval,input")
+    p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
+    p.add_argument("--json", default=None, help="write the figures here")
+    args = p.parse_args()
+    sections = args.sections.split(",")
+    result = {
+        "command": " ".join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()})",
+        "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "jax": jax.__version__,
+        "args": vars(args),
+    }
+    if "train" in sections:
+        rows = [bench_train(args, m) for m in args.modes.split(",")]
+        base = next((r["step_ms"] for r in rows if r["mode"] == "sgd"), None)
+        for r in rows:
+            if base:
+                r["vs_sgd"] = r["step_ms"] / base
+            r["target_vs_sgd"] = {
+                "sgd": 1.0,
+                "sam": 2.05,
+                "at": 1.05 * (args.pgd_steps + 1),
+                "sam_at": 1.05 * (args.pgd_steps + 2),
+            }[r["mode"]]
+        result["train"] = rows
+        print(
+            f"\n{result['device']}, {args.model} width {args.width}, batch {args.batch}, "
+            f"PGD-{args.pgd_steps}, {'bf16' if args.half_precision else 'f32'}"
+        )
+        print(
+            f"{'mode':8}{'img/s':>10}{'step ms':>10}{'x SGD':>8}{'target':>8}"
+            f"{'compile s':>11}{'peak MiB':>10}{'MFU':>7}"
+        )
+        for r in rows:
+            mem = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] else "-"
+            mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+            print(
+                f"{r['mode']:8}{r['images_per_s']:10.1f}{r['step_ms']:10.2f}"
+                f"{r.get('vs_sgd', float('nan')):8.2f}{r['target_vs_sgd']:8.2f}"
+                f"{r['compile_s']:11.1f}{mem:>10}{mfu:>7}"
+            )
+    if "pgd" in sections:
+        result["pgd"] = bench_pgd(args)
+        print("\nPGD-k, ms per step (x one input gradient):")
+        for r in result["pgd"]:
+            print(
+                f"  k={r['k']:2d}: rolled fori_loop {r['rolled_ms_per_step']:.2f} "
+                f"({r['rolled_vs_grad']:.2f}x), default unroll {r['default_ms_per_step']:.2f} "
+                f"({r['default_vs_grad']:.2f}x), gradient {r['grad_ms']:.2f}"
+            )
+    if "eval" in sections:
+        result["eval"] = bench_eval(args)
+        print("\nevaluation images/s:", {k: round(v, 1) for k, v in result["eval"].items()})
+    if "input" in sections:
+        result["input"] = bench_input(args)
+        print("input pipeline images/s:", {k: round(v) for k, v in result["input"].items()})
+    if args.torch:
+        result["torch"] = bench_torch(args)
+        print("\nPyTorch reference img/s:", result["torch"])
+        for r in result.get("train", []):
+            if r["mode"] in result["torch"]:
+                r["vs_torch"] = r["images_per_s"] / result["torch"][r["mode"]]
+                print(f"  {r['mode']}: samrobust / torch = {r['vs_torch']:.2f}")
+    result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
