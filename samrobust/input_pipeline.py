@@ -134,7 +134,7 @@ def train_batches(
     while True:
         epoch, i = divmod(step, steps_per_epoch)
         perm = np.random.default_rng([seed, epoch]).permutation(len(images))
-        idx = np.sort(perm[i * global_batch : (i + 1) * global_batch][lo : lo + per_host])
+        idx = perm[i * global_batch : (i + 1) * global_batch][lo : lo + per_host]
         yield images[idx], labels[idx]
         step += 1
 

@@ -74,7 +74,10 @@ def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     import orbax.checkpoint as ocp
 
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints")) as mngr:
+    with ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+    ) as mngr:
         step = mngr.latest_step() if step is None else step
         meta = mngr.item_metadata(step)["state"]
         target = jax.tree.map(
