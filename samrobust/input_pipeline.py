@@ -94,11 +94,10 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
         )
     splits = {}
     for split in ("train", "test"):
-        data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-        splits[split] = (
-            (data["image"].astype(np.float32) / 255.0),
-            data["label"].astype(np.int32),
-        )
+        chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=4096)))
+        images = np.concatenate([c["image"] for c in chunks])
+        labels = np.concatenate([c["label"] for c in chunks])
+        splits[split] = (images.astype(np.float32) / 255.0, labels.astype(np.int32))
     num_classes, mean, std = TFDS_DATASETS[name]
     return Dataset(name, *splits["train"], *splits["test"], num_classes, mean, std)
 

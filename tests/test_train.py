@@ -1,5 +1,7 @@
 """Unit tests of the training system: config errors, the step's maths, checkpoints, NaN."""
 
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -13,7 +15,7 @@ from configs import sam_at as sam_at_config
 from configs import sgd as sgd_config
 from samrobust import evaluate, input_pipeline, train
 from samrobust.checkpoint import CheckpointError, config_mismatch
-from tests.helpers import load_checkpoint
+from tests.helpers import REPO, load_checkpoint, subprocess_env
 
 
 def digits_config(module=sgd_config, **overrides):
@@ -257,3 +259,31 @@ def test_at_config_defaults_are_the_papers():
     assert (config.momentum, config.weight_decay) == (0.9, 5e-4)
     assert config.attack.norm == "linf" and config.attack.steps == 5
     np.testing.assert_allclose([config.attack.eps, config.attack.step_size], [8 / 255, 2 / 255])
+
+
+def test_tfds_path_converts_images_and_labels(monkeypatch):
+    """load_tfds on tfds's own mock data (its testing utility; no download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(num_examples=12):
+        ds = input_pipeline.load("cifar10")
+    assert ds.train_images.shape == (12, 32, 32, 3) and ds.train_images.dtype == np.float32
+    assert 0.0 <= ds.train_images.min() and ds.train_images.max() <= 1.0
+    assert ds.train_images.max() > 0.5  # scaled from uint8, not left in [0, 255] or [0, 1/255]
+    assert ds.test_labels.dtype == np.int32 and ds.test_labels.max() < 10
+    assert (ds.num_classes, ds.mean) == (10, (0.4914, 0.4822, 0.4465))
+
+
+def test_training_on_digits_never_imports_tensorflow():
+    code = (
+        "import sys; from samrobust import main, train, evaluate, autoattack, input_pipeline; "
+        "input_pipeline.load('digits'); assert 'tensorflow' not in sys.modules, 'tf imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(1),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
