@@ -21,7 +21,8 @@ as one jittable function: every attack runs on the whole batch, and only points 
 take its result, which gives the same robust set. :func:`sanity_checks` reproduces the
 reference's warnings (``autoattack/checks.py``). Every attack is a pure function of
 ``(logits_fn, x, y, key)`` that can be jitted with its configuration static; loops are
-``lax.fori_loop`` (``unroll`` as in :mod:`samrobust.attacks`), and an attack run (restart or
+``lax.fori_loop`` left rolled by default (``unroll=None`` means 1: unrolling 100 iterations
+costs minutes of compilation on XLA:CPU and ran slower there too), and an attack run (restart or
 target class) is skipped with ``lax.cond`` once every point of the batch is fooled. Pass a
 model with large parameters as ``jax.tree_util.Partial(apply_fn, params)``: the driver then
 hands it to the jitted attacks as an argument instead of baking the parameters in as
@@ -68,7 +69,6 @@ from samrobust.attacks import (
     ascent_direction,
     cross_entropy,
     cw_margin,
-    default_unroll,
     project,
 )
 
@@ -369,7 +369,7 @@ def apgd(
     Clean-misclassified points are returned unchanged. The result carries no gradient.
     """
     _apgd_checks(eps, norm, n_iter, loss, n_restarts)
-    unroll = default_unroll(n_iter) if unroll is None else unroll
+    unroll = 1 if unroll is None else unroll  # rolled: see the module docstring
     x = jax.lax.stop_gradient(x)
     run = functools.partial(
         _apgd_run, logits_fn, x, y, eps=eps, norm=norm, n_iter=n_iter, loss=loss, rho=rho,
@@ -398,7 +398,7 @@ def apgd_targeted(
     ``min(n_target_classes, num_classes - 1)`` most likely wrong classes at ``x`` in turn,
     ``n_restarts`` runs each; each run attacks only the points not yet fooled."""
     _apgd_checks(eps, norm, n_iter, loss, n_restarts)
-    unroll = default_unroll(n_iter) if unroll is None else unroll
+    unroll = 1 if unroll is None else unroll  # rolled: see the module docstring
     x = jax.lax.stop_gradient(x)
     clean_logits = logits_fn(x)
     n_t = min(n_target_classes, clean_logits.shape[-1] - 1)
@@ -544,7 +544,7 @@ def fab_targeted(
         raise ValueError(f"fab_targeted needs n_iter, n_restarts >= 1; got {n_iter}, {n_restarts}")
     if eps is None and n_restarts > 1:
         raise ValueError("fab_targeted random restarts need eps")
-    unroll = default_unroll(n_iter) if unroll is None else unroll
+    unroll = 1 if unroll is None else unroll  # rolled: see the module docstring
     x = jax.lax.stop_gradient(x)
     clean_logits = logits_fn(x)
     n_t = min(n_target_classes, clean_logits.shape[-1] - 1)

@@ -1,0 +1,382 @@
+"""Collects a sweep's runs into a table (mean ± std over seeds) and a clean-vs-robust plot.
+
+  python -m experiments.report --root=/tmp/digits
+  python -m experiments.report --root=/tmp/digits --out=/tmp/report --robust_key=pgd10_ce_l2_32/255
+
+Reads every ``ROOT/<run>/results.json`` (from ``samrobust.main``), its ``config.json`` and
+any ``eval_<suite>.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``). Runs are
+grouped by their config without the seed (and logging/checkpoint settings), and labelled by
+method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes to ``--out``
+(default ROOT):
+
+- ``report.md``: per group, accuracies in % as mean ± sample std over seeds, measured
+  training seconds, and the training cost relative to SGD: each run's ``train_seconds``
+  over the SGD run with the same seed and the same non-method config, averaged over seeds,
+  next to the nominal cost (SGD 1, SAM 2, PGD-k AT k+1, SAM+AT k+2).
+- ``report.png``: per dataset, (1) clean accuracy against ``--robust_key`` accuracy with
+  error bars: SAM over rho, Linf AT and L2 AT over eps as curves, SAM+AT and SGD as
+  points; (2) the training cost relative to SGD.
+- ``report.json``: everything in the table, with the per-seed values.
+
+``--robust_key`` is any metric in the table, e.g. ``pgd10_ce_l2_32/255`` or
+``autoattack:autoattack_linf_8/255``. ``train_seconds`` excludes compilation; a run resumed
+from a checkpoint counts only its last segment, and one resumed after its last step (0 s)
+is left out of the timings.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
+# Settings that do not change what a run measures: not part of a group's identity.
+IGNORED_KEYS = frozenset(
+    {"seed", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "data_dir"}
+)
+SAM_KEYS = ("rho", "adaptive", "sam_sync")
+ATTACK_KEYS = ("attack.norm", "attack.eps", "attack.step_size", "attack.steps")
+# The method keys each mode uses; the others are dropped from its identity.
+MODE_KEYS = {
+    "sgd": (),
+    "sam": SAM_KEYS,
+    "at": ATTACK_KEYS,
+    "sam_at": SAM_KEYS + ATTACK_KEYS,
+}
+METHOD_KEYS = frozenset({"mode", *SAM_KEYS, *ATTACK_KEYS})
+FAMILIES = ("SGD", "SAM", "ASAM", "AT Linf", "AT L2", "SAM+AT")
+CURVE_PARAM = {"SAM": "rho", "ASAM": "rho", "AT Linf": "eps", "AT L2": "eps"}
+MARKERS = "osD^v<>"  # one per distinct data/model setting in a plot
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_run(workdir: str) -> dict[str, Any]:
+    """One finished run: name, flat config, metrics (accuracy fractions) and timings."""
+    results = read_json(os.path.join(workdir, "results.json"))
+    metrics = dict(results["accuracy"])
+    for f in sorted(os.listdir(workdir)):
+        if f.startswith("eval_") and f.endswith(".json"):
+            suite = f[len("eval_") : -len(".json")]
+            accuracy = read_json(os.path.join(workdir, f)).get("accuracy", {})
+            metrics.update({f"{suite}:{k}": v for k, v in accuracy.items()})
+    return {
+        "name": os.path.basename(workdir),
+        "config": flatten(read_json(os.path.join(workdir, "config.json"))),
+        "metrics": metrics,
+        "train_seconds": results["train_seconds"],
+    }
+
+
+def load_runs(root: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(finished runs, names of run directories without results.json or config.json)."""
+    runs, incomplete = [], []
+    for name in sorted(os.listdir(root)):
+        workdir = os.path.join(root, name)
+        if not os.path.isdir(workdir):
+            continue
+        if all(os.path.exists(os.path.join(workdir, f)) for f in ("results.json", "config.json")):
+            runs.append(load_run(workdir))
+        else:
+            incomplete.append(name)
+    return runs, incomplete
+
+
+def identity(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(method keys the mode uses, every other key that matters) of a flat config."""
+    method = {"mode": config["mode"]} | {k: config.get(k) for k in MODE_KEYS[config["mode"]]}
+    base = {k: v for k, v in config.items() if k not in IGNORED_KEYS | METHOD_KEYS}
+    return method, base
+
+
+def describe(method: dict[str, Any]) -> tuple[str, str, float | None]:
+    """(label, family, curve parameter) of a method, e.g. ("SAM rho=0.1", "SAM", 0.1)."""
+    mode = method["mode"]
+    sam = "ASAM" if method.get("adaptive") else "SAM"
+    if mode == "sgd":
+        return "SGD", "SGD", None
+    if mode == "sam":
+        return f"{sam} rho={method['rho']:g}", sam, method["rho"]
+    norm = {"linf": "Linf", "l2": "L2"}.get(method["attack.norm"], method["attack.norm"])
+    eps = round(method["attack.eps"] * 255, 3)
+    attack = f"{norm} {eps:g}/255 PGD-{method['attack.steps']}"
+    if mode == "at":
+        return f"AT {attack}", f"AT {norm}", eps
+    return f"{sam}+AT rho={method['rho']:g} {attack}", "SAM+AT", method["rho"]
+
+
+def nominal_cost(method: dict[str, Any]) -> int:
+    """Gradient computations per step relative to SGD: SAM 2, PGD-k AT k+1, SAM+AT k+2."""
+    mode = method["mode"]
+    return {"sgd": 1, "sam": 2, "at": 1, "sam_at": 2}[mode] + (
+        method["attack.steps"] if mode in ("at", "sam_at") else 0
+    )
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) with the values."""
+    v = np.asarray(values, dtype=float)
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "n": len(v),
+        "values": v.tolist(),
+    }
+
+
+def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Groups runs that differ only in seed; adds stats, cost vs SGD, labels and order."""
+    groups: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        method, base = identity(run["config"])
+        key = json.dumps([method, base], sort_keys=True)
+        g = groups.setdefault(key, {"method": method, "base": base, "runs": []})
+        g["runs"].append(run)
+
+    sgd_seconds: dict[str, dict[int, float]] = {}  # base config -> seed -> train seconds
+    for g in groups.values():
+        if g["method"]["mode"] == "sgd":
+            base = json.dumps(g["base"], sort_keys=True)
+            sgd_seconds[base] = {r["config"]["seed"]: r["train_seconds"] for r in g["runs"]}
+
+    out = []
+    for g in groups.values():
+        label, family, param = describe(g["method"])
+        runs_ = sorted(g["runs"], key=lambda r: r["config"]["seed"])
+        metric_keys = list(dict.fromkeys(k for r in runs_ for k in r["metrics"]))
+        timed = [r for r in runs_ if r["train_seconds"] > 0]  # 0: resumed when already done
+        sgd = sgd_seconds.get(json.dumps(g["base"], sort_keys=True), {})
+        ratios = [
+            r["train_seconds"] / sgd[s]
+            for r in timed
+            if (s := r["config"]["seed"]) in sgd and sgd[s] > 0
+        ]
+        out.append(
+            {
+                "label": label,
+                "family": family,
+                "param": param,
+                "dataset": g["base"].get("dataset"),
+                "method": g["method"],
+                "base": g["base"],
+                "runs": [r["name"] for r in runs_],
+                "seeds": [r["config"]["seed"] for r in runs_],
+                "metrics": {
+                    k: mean_std([r["metrics"][k] for r in runs_ if k in r["metrics"]])
+                    for k in metric_keys
+                },
+                "train_seconds": mean_std([r["train_seconds"] for r in timed]) if timed else None,
+                "cost_vs_sgd": mean_std(ratios) if ratios else None,
+                "nominal_cost": nominal_cost(g["method"]),
+            }
+        )
+    _disambiguate(out)
+    family_rank = {f: i for i, f in enumerate(FAMILIES)}
+    out.sort(
+        key=lambda g: (
+            str(g["dataset"]),
+            family_rank.get(g["family"], len(FAMILIES)),
+            g["param"] if g["param"] is not None else 0.0,
+            g["label"],
+        )
+    )
+    return out
+
+
+def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """The keys whose values are not the same in all ``configs``."""
+    keys = sorted({k for c in configs for k in c})
+    return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+def _disambiguate(groups: list[dict[str, Any]]) -> None:
+    """Appends the differing non-method keys to labels that two groups share in a dataset."""
+    by_label: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+    for g in groups:
+        by_label.setdefault((g["dataset"], g["label"]), []).append(g)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        differing = differing_keys([g["base"] for g in same])
+        for g in same:
+            g["label"] += " (" + ", ".join(f"{k}={g['base'].get(k)}" for k in differing) + ")"
+
+
+def format_stat(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if stat is None:
+        return "–"
+    mean = f"{stat['mean'] * scale:.{digits}f}"
+    return mean if stat["n"] < 2 else f"{mean} ± {stat['std'] * scale:.{digits}f}"
+
+
+def markdown(groups: Sequence[dict[str, Any]], root: str, incomplete: Sequence[str]) -> str:
+    """The Markdown report: one row per group, accuracies in %."""
+    keys = list(dict.fromkeys(k for g in groups for k in g["metrics"]))
+    keys = sorted(keys, key=lambda k: (":" in k, k != "clean"))  # clean, main eval, eval_*
+    n_runs = sum(len(g["runs"]) for g in groups)
+    lines = [
+        f"# Sweep report: {root}",
+        "",
+        f"{n_runs} finished runs in {len(groups)} groups. Accuracy in % (mean ± sample std "
+        "over seeds); cost = train seconds / SGD's (same seed, same data and model settings),"
+        " nominal cost in brackets.",
+    ]
+    if incomplete:
+        lines.append(f"Unfinished or unreadable (left out): {', '.join(incomplete)}.")
+    header = ["Method", "Dataset", "Seeds", *keys, "Train s", "Cost vs SGD"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        row = [
+            g["label"],
+            str(g["dataset"]),
+            str(len(g["runs"])),
+            *(format_stat(g["metrics"].get(k), 100.0) for k in keys),
+            format_stat(g["train_seconds"]),
+            f"{format_stat(g['cost_vs_sgd'], digits=2)} [{g['nominal_cost']}]",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(groups: Sequence[dict[str, Any]], robust_key: str, path: str) -> None:
+    """Per dataset: clean vs robust accuracy (curves over rho / eps), and cost vs SGD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(g["dataset"] for g in groups))
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 5.5 * len(datasets)), squeeze=False)
+    colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for (ax_acc, ax_cost), dataset in zip(axes, datasets, strict=True):
+        here = [g for g in groups if g["dataset"] == dataset]
+        bases = list(dict.fromkeys(json.dumps(g["base"], sort_keys=True) for g in here))
+        differing = differing_keys([g["base"] for g in here])
+        series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for g in here:
+            if robust_key in g["metrics"]:
+                base = json.dumps(g["base"], sort_keys=True)
+                series.setdefault((g["family"], base), []).append(g)
+        for (family, base), points in series.items():
+            curve = family in CURVE_PARAM and len(points) > 1
+            label = f"{family} (over {CURVE_PARAM[family]})" if curve else family
+            if differing:  # runs of other data/model settings: say which
+                label += " [" + ", ".join(f"{k}={points[0]['base'].get(k)}" for k in differing)
+                label += "]"
+            rob = [g["metrics"][robust_key] for g in points]
+            clean = [g["metrics"]["clean"] for g in points]
+            ax_acc.errorbar(
+                [100 * s["mean"] for s in rob],
+                [100 * s["mean"] for s in clean],
+                xerr=[100 * s["std"] for s in rob],
+                yerr=[100 * s["std"] for s in clean],
+                fmt=("-" if curve else "") + MARKERS[bases.index(base) % len(MARKERS)],
+                color=colors.get(family),
+                capsize=3,
+                markersize=6 if curve else 9,
+                label=label,
+            )
+            if family in CURVE_PARAM:
+                for g, r, c in zip(points, rob, clean, strict=True):
+                    ax_acc.annotate(
+                        f"{g['param']:g}",
+                        (100 * r["mean"], 100 * c["mean"]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                    )
+        ax_acc.set_xlabel(f"robust accuracy (%), {robust_key}")
+        ax_acc.set_ylabel("clean accuracy (%)")
+        ax_acc.set_title(f"{dataset}: clean vs robust (SAM labelled by rho, AT by eps x 255)")
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend(fontsize=8)
+
+        ax_cost.set_title(f"{dataset}: training cost (mean over seeds)")
+        costed = [g for g in here if g["cost_vs_sgd"] is not None]
+        if not costed:
+            ax_cost.text(0.5, 0.5, "no timed SGD run with the same settings", ha="center")
+            ax_cost.set_axis_off()
+            continue
+        y = np.arange(len(costed))
+        ax_cost.barh(
+            y,
+            [g["cost_vs_sgd"]["mean"] for g in costed],
+            xerr=[g["cost_vs_sgd"]["std"] for g in costed],
+            color=[colors.get(g["family"], "gray") for g in costed],
+            capsize=3,
+            label="measured train seconds / SGD's",
+        )
+        ax_cost.scatter(
+            [g["nominal_cost"] for g in costed],
+            y,
+            marker="x",
+            color="black",
+            zorder=3,
+            label="nominal (gradient computations)",
+        )
+        ax_cost.set_yticks(y, [g["label"] for g in costed], fontsize=7)
+        ax_cost.invert_yaxis()
+        ax_cost.set_xlabel("training cost relative to SGD")
+        ax_cost.grid(axis="x", alpha=0.3)
+        ax_cost.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(root: str, out: str | None = None, robust_key: str = DEFAULT_ROBUST_KEY) -> dict:
+    """Writes report.md, report.png and report.json to ``out`` (default ``root``)."""
+    out = out or root
+    runs, incomplete = load_runs(root)
+    if not runs:
+        raise ValueError(f"No finished runs (results.json + config.json) under {root}")
+    groups = group_runs(runs)
+    available = sorted({k for g in groups for k in g["metrics"]})
+    if not any(robust_key in g["metrics"] for g in groups):
+        raise ValueError(f"--robust_key={robust_key} is in no run; available: {available}")
+    os.makedirs(out, exist_ok=True)
+    data = {"root": root, "robust_key": robust_key, "incomplete": incomplete, "groups": groups}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(data, f, indent=2)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(groups, root, incomplete))
+    plot(groups, robust_key, os.path.join(out, "report.png"))
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--root", required=True, help="the sweep's directory (one workdir per run)")
+    p.add_argument("--out", help="output directory (default: --root)")
+    p.add_argument("--robust_key", default=DEFAULT_ROBUST_KEY, help="robust metric to plot")
+    args = p.parse_args(argv)
+    try:
+        data = report(args.root, args.out, args.robust_key)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    out = args.out or args.root
+    print(f"{len(data['groups'])} groups -> {out}/report.md, report.png, report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Runs a grid of ``samrobust.main`` trainings (one subprocess and workdir per config and seed).
+
+  python -m experiments.sweep --grid=digits --root=/tmp/digits --dry_run
+  python -m experiments.sweep --grid=digits --root=/tmp/digits --seeds=3
+  python -m experiments.sweep --grid=digits --root=/tmp/d --eval=autoattack --eval_flag=--unroll=1
+  python -m experiments.sweep --grid=smoke --root=/tmp/s --eval=full --eval_flag=--num_examples=64
+  python -m experiments.sweep --grid=paper_cifar10 --root=/data/c10 --override=data_dir=/data/tfds
+  python -m experiments.report --root=/tmp/digits
+
+Grids are defined in ``experiments/grids.py`` (``paper_cifar10``, ``paper_cifar100``,
+``digits``, ``smoke``). Each run gets ``ROOT/<config>_s<seed>`` (e.g. ``sam_rho0.1_s0``)
+and its stdout/stderr go to ``ROOT/<run>/log.txt``. Runs are ordered seed by seed, so a
+partial sweep already holds every config. A run with ``results.json`` is skipped (its
+``config.json`` must match the grid's config); any other run is (re)started with the same
+command, which resumes from its latest checkpoint. ``--eval=SUITE`` then runs
+``python -m samrobust.evaluate --workdir=RUN --suite=SUITE`` on every trained run without
+``RUN/eval_SUITE.json``. Before anything runs, every config is built exactly as
+``samrobust.main`` builds it (``configs/<mode>.py`` + ``--config.*`` overrides through
+ml_collections' config flags) and validated; ``--dry_run`` stops there and prints the
+commands. Interrupt with Ctrl-C and re-run the same command to continue.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from experiments.grids import GRIDS, RunSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flag_value(value: Any) -> str:
+    """A config value as a command-line flag value (floats round-trip exactly)."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One (config, seed) of a grid and its workdir."""
+
+    spec: RunSpec
+    seed: int
+    root: str
+    extra_overrides: tuple[str, ...] = ()  # "key=value" for every run
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.name}_s{self.seed}"
+
+    @property
+    def workdir(self) -> str:
+        return os.path.join(self.root, self.name)
+
+    def train_command(self) -> list[str]:
+        """``python -m samrobust.main ...``, to run from the repository root."""
+        overrides = [f"{k}={flag_value(v)}" for k, v in self.spec.overrides]
+        overrides += [*self.extra_overrides, f"seed={self.seed}"]
+        return [
+            sys.executable,
+            "-m",
+            "samrobust.main",
+            f"--config={self.spec.config}",
+            f"--workdir={self.workdir}",
+            *(f"--config.{o}" for o in overrides),
+        ]
+
+    def eval_command(self, suite: str, flags: Sequence[str] = ()) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "samrobust.evaluate",
+            f"--workdir={self.workdir}",
+            f"--suite={suite}",
+            *flags,
+        ]
+
+    def trained(self) -> bool:
+        return os.path.exists(os.path.join(self.workdir, "results.json"))
+
+    def evaluated(self, suite: str) -> bool:
+        return os.path.exists(os.path.join(self.workdir, f"eval_{suite}.json"))
+
+    def status(self) -> str:
+        if self.trained():
+            return "done"
+        checkpoints = os.path.join(self.workdir, "checkpoints")
+        has_step = os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))
+        return "resume" if has_step else "new"
+
+
+def expand(grid: str, root: str, seeds: int, extra_overrides: Sequence[str] = ()) -> list[Run]:
+    """The runs of ``grid`` for seeds ``0..seeds-1``, seed-major."""
+    root = os.path.abspath(root)
+    return [
+        Run(spec, seed, root, tuple(extra_overrides))
+        for seed in range(seeds)
+        for spec in GRIDS[grid]
+    ]
+
+
+def build_config(command: Sequence[str]) -> ml_collections.ConfigDict:
+    """The config a ``samrobust.main`` command line trains, parsed as main parses it, validated.
+
+    Raises ``ValueError`` naming the problem (unknown key, bad value, invalid config).
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from samrobust import train
+
+    argv = [  # config files are relative to the repository root, as in the subprocess
+        f"--config={os.path.join(REPO, a.split('=', 1)[1])}" if a.startswith("--config=") else a
+        for a in command[2:]
+    ]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+    try:
+        flag_values(argv)
+        config = flag_values.config
+        train.validate_config(config, num_devices=1)
+    except (KeyError, AttributeError) as e:  # ConfigDict's error for an unknown key
+        inner: BaseException = e
+        while inner.args and isinstance(inner.args[0], BaseException):
+            inner = inner.args[0]
+        message = str(inner.args[0] if inner.args else inner).replace("\n", "; ")
+        raise ValueError(f"{shlex.join(command[2:])}: unknown config key {message}") from e
+    except (flags.Error, ValueError) as e:
+        raise ValueError(f"{shlex.join(command[2:])}: {e}") from e
+    return config
+
+
+def check_finished_config(run: Run, config: ml_collections.ConfigDict) -> list[str]:
+    """Differences between a finished run's ``config.json`` and the grid's config."""
+    from samrobust.checkpoint import config_mismatch
+
+    path = os.path.join(run.workdir, "config.json")
+    if not os.path.exists(path):
+        return [f"{path} is missing"]
+    with open(path) as f:
+        return config_mismatch(json.load(f), config.to_dict())
+
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_logged(command: Sequence[str], log_path: str) -> int:
+    """Runs ``command`` from the repository root, appending its output to ``log_path``."""
+    with open(log_path, "a") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def log_tail(log_path: str, lines: int = 15) -> str:
+    with open(log_path) as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--grid", required=True, choices=sorted(GRIDS))
+    p.add_argument("--root", required=True, help="directory holding one workdir per run")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every config")
+    p.add_argument("--dry_run", action="store_true", help="build and validate; train nothing")
+    p.add_argument("--eval", help="after training: samrobust.evaluate --suite=EVAL per run")
+    p.add_argument(
+        "--eval_flag",
+        action="append",
+        default=[],
+        help="extra flag for samrobust.evaluate, repeatable (e.g. --eval_flag=--num_examples=100)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="KEY=VALUE: --config.KEY=VALUE for every run, repeatable (e.g. data_dir=/data)",
+    )
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    for o in args.override:
+        if "=" not in o:
+            p.error(f"--override={o}: expected KEY=VALUE")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs (or with ``--dry_run`` prints) the sweep; returns the exit status."""
+    args = parse_args(argv)
+    runs = expand(args.grid, args.root, args.seeds, args.override)
+    n = len(runs)
+    try:
+        configs = [build_config(run.train_command()) for run in runs]
+    except ValueError as e:
+        print(f"Invalid config: {e}", file=sys.stderr)
+        return 2
+    mismatched = {
+        run.name: diff
+        for run, config in zip(runs, configs, strict=True)
+        if run.trained() and (diff := check_finished_config(run, config))
+    }
+    for name, diff in mismatched.items():
+        print(f"{name}: finished under another config:\n  " + "\n  ".join(diff))
+    if mismatched:
+        print("Use another --root, or the grid and --override values those runs were made with.")
+        return 2
+
+    if args.dry_run:
+        for i, run in enumerate(runs, 1):
+            print(f"[{i}/{n}] {run.name} ({run.status()})\n  {shlex.join(run.train_command())}")
+            if args.eval:
+                print(f"  {shlex.join(run.eval_command(args.eval, args.eval_flag))}")
+        counts = {s: sum(r.status() == s for r in runs) for s in ("done", "resume", "new")}
+        print(
+            f"{n} runs of grid {args.grid!r} built and validated: "
+            + ", ".join(f"{v} {k}" for k, v in counts.items())
+        )
+        return 0
+
+    return execute(runs, args.grid, args.eval, args.eval_flag)
+
+
+def execute(runs: Sequence[Run], grid: str, suite: str | None, eval_flags: Sequence[str]) -> int:
+    """Trains (and evaluates) every unfinished run in order, one subprocess at a time.
+
+    The ETA charges each remaining run the time its config took for an earlier seed, or
+    else the mean time per run so far.
+    """
+
+    def pending(run: Run) -> bool:
+        return not run.trained() or bool(suite and not run.evaluated(suite))
+
+    n = len(runs)
+    os.makedirs(runs[0].root, exist_ok=True)
+    todo = sum(map(pending, runs))
+    print(f"Sweep {grid!r}: {n} runs in {runs[0].root}, {todo} to run, {n - todo} done")
+    start, worked, failed = time.perf_counter(), 0, []
+    seconds: dict[str, float] = {}  # config name -> time of its latest run
+    try:
+        for i, run in enumerate(runs, 1):
+            if not pending(run):
+                print(f"[{i}/{n}] {run.name}: done, skipped")
+                continue
+            t0 = time.perf_counter()
+            if not run_one(run, f"[{i}/{n}]", suite, eval_flags):
+                failed.append(run.name)
+            worked += 1
+            seconds[run.spec.name] = time.perf_counter() - t0
+            elapsed = time.perf_counter() - start
+            eta = sum(seconds.get(r.spec.name, elapsed / worked) for r in runs[i:] if pending(r))
+            print(
+                f"[{i}/{n}] {run.name}: took {format_seconds(seconds[run.spec.name])} | "
+                f"elapsed {format_seconds(elapsed)} | ETA {format_seconds(eta)}",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        print("Interrupted. Re-run the same command to resume.")
+        return 130
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(failed)}. Re-run the same command to retry.")
+        return 1
+    print(f"Sweep {grid!r} complete in {format_seconds(time.perf_counter() - start)}.")
+    return 0
+
+
+def run_one(run: Run, tag: str, suite: str | None, eval_flags: Sequence[str]) -> bool:
+    """Trains ``run`` unless finished, then evaluates it unless evaluated; False on failure."""
+    os.makedirs(run.workdir, exist_ok=True)
+    log = os.path.join(run.workdir, "log.txt")
+    steps = []
+    if not run.trained():
+        steps.append(("training" if run.status() == "new" else "resuming", run.train_command()))
+    if suite and not run.evaluated(suite):
+        steps.append((f"eval {suite}", run.eval_command(suite, eval_flags)))
+    for what, command in steps:
+        print(f"{tag} {run.name}: {what} (log: {log})", flush=True)
+        rc = run_logged(command, log)
+        if rc:
+            print(f"{tag} {run.name}: {what} FAILED (exit {rc}); end of log:")
+            print(log_tail(log), end="")
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Tests of ``samrobust.evaluate``: the CLI end to end on a tiny digits run, the Python API.
+
+One tiny training run (``tests.helpers.TINY``) is shared by the module. Attack loops are
+rolled (``unroll=1``) and AutoAttack's budget is reduced: most of the runtime is compilation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samrobust import evaluate
+from tests.helpers import REPO, TINY, run_main, subprocess_env
+
+N = 32  # test examples evaluated
+AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]
+PAPER = [
+    "clean",
+    "pgd10_ce_linf_1/255",
+    "pgd10_ce_linf_2/255",
+    "pgd10_ce_l2_16/255",
+    "pgd10_ce_l2_32/255",
+]
+EXTRA = ["pgd20_ce_linf_4/255", "pgd20_cw_linf_4/255", "pgd20_ce_linf_8/255", "pgd20_cw_linf_8/255"]
+AA = "autoattack_linf_8/255"
+STAGES = ["apgd-ce", "apgd-t", "fab-t", "square"]
+
+
+def run_evaluate(workdir: str, *flags: str, devices: int = 8) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "samrobust.evaluate", f"--workdir={workdir}", *flags],
+        cwd=REPO,
+        env=subprocess_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
+    # PGD-0 in the run's own final evaluation: it is not under test here.
+    run_main("configs/sgd.py:digits", workdir, *TINY, "--config.eval_pgd_steps=0")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def full_eval(run_dir) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """``--suite=full`` on the first N test examples, 8 devices: (process, JSON, masks)."""
+    proc = run_evaluate(run_dir, "--suite=full", f"--num_examples={N}", *AA_FAST)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(run_dir, "eval_full.json")) as f:
+        report = json.load(f)
+    with np.load(os.path.join(run_dir, "eval_full_masks.npz")) as m:
+        masks = dict(m)
+    return proc, report, masks
+
+
+def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
+    proc, report, masks = full_eval
+    acc = report["accuracy"]
+    assert list(acc) == PAPER + EXTRA + [AA]
+    assert report["run"]["step"] == 1437 // 64 and report["run"]["dataset"] == "digits"
+    assert report["num_examples"] == N and report["devices"] == 8 and report["batch_size"] == 64
+    assert report["attacks"]["pgd20_cw_linf_8/255"]["step_size"] == pytest.approx(2 / 255)
+    assert report["attacks"][AA] == {
+        "attack": "AutoAttack",
+        "version": "standard",
+        "norm": "linf",
+        "eps": pytest.approx(8 / 255),
+        "n_iter": 10,
+        "n_target_classes": 9,
+        "n_queries": 100,
+    }
+    assert all(report["images_per_s"][k] > 0 for k in acc)
+
+    # Masks: one per attack and per AutoAttack stage, consistent with the accuracies.
+    assert set(masks) == {k.replace("/", "_") for k in acc} | {
+        f"{AA}_{s}".replace("/", "_") for s in STAGES
+    }
+    for name, value in acc.items():
+        m = masks[name.replace("/", "_")]
+        assert m.dtype == bool and m.shape == (N,) and m.mean() == pytest.approx(value)
+
+    # Ordering: clean >= PGD >= AutoAttack (same budget); AutoAttack's masks only shrink.
+    aa_masks = [masks["clean"]] + [masks[f"{AA}_{s}".replace("/", "_")] for s in STAGES]
+    for before, after in zip(aa_masks, aa_masks[1:], strict=False):
+        assert not np.any(after & ~before)
+    assert np.array_equal(aa_masks[-1], masks[AA.replace("/", "_")])
+    assert all(acc["clean"] >= acc[k] for k in PAPER + EXTRA)
+    assert acc[AA] <= min(acc["pgd20_ce_linf_8/255"], acc["pgd20_cw_linf_8/255"])
+    assert acc["clean"] > acc[AA]  # a 1-epoch model is not robust at 8/255
+
+    details = report["autoattack"]
+    assert details["name"] == AA
+    assert list(details["stages"]) == STAGES and details["stages"]["square"] == acc[AA]
+    assert 0 < details["max_perturbation"] <= 8 / 255 + 1e-6
+    assert details["rejected"] == dict.fromkeys(STAGES, 0)
+    assert details["attacked"]["apgd-ce"] == masks["clean"].sum()
+    assert any("reduced AutoAttack budget" in w for w in report["warnings"])
+
+    with open(os.path.join(run_dir, "eval_full.md")) as f:
+        md = f.read()
+    assert "| attack | norm | eps | accuracy | img/s |" in md
+    assert "| PGD-20 CW, step 2/255 | linf | 8/255 |" in md
+    assert "AutoAttack standard (n_iter 10, n_queries 100) | linf | 8/255 |" in md
+    assert f"{100 * acc[AA]:.2f}%" in md and "after fab-t" in md
+    assert "reduced AutoAttack budget" in md
+
+    # Progress: per attack and per AutoAttack batch, with images/s; the default radius.
+    log = proc.stderr
+    assert "eval pgd20_cw_linf_8/255 batch 1/1" in log and "img/s" in log
+    assert "autoattack apgd-t batch 1/1" in log
+    assert "digits has no standard one" in log
+
+
+def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
+    """``load_run`` + ``evaluate`` in this process (8 devices too) give the CLI's masks."""
+    _, _, cli_masks = full_eval
+    run = evaluate.load_run(run_dir)
+    ds = run.dataset
+    report = evaluate.evaluate(
+        run.logits_fn,
+        run.variables,
+        ds.test_images[:N],
+        ds.test_labels[:N],
+        suite="paper",
+        num_classes=10,
+        batch_size=64,
+        seed=0,
+        unroll=1,
+    )
+    assert list(report["accuracy"]) == PAPER and "autoattack" not in report
+    for name in PAPER:
+        np.testing.assert_array_equal(report["masks"][name], cli_masks[name.replace("/", "_")])
+    assert report["warnings"] == []
+
+
+def linear_logits(variables, x):
+    return x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
+
+
+def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
+    """For a linear model (box inactive) a point is robust iff its distance to the nearest
+    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 5)).astype(np.float32)
+    x = rng.uniform(0.3, 0.7, size=(48, 4, 4, 1)).astype(np.float32)
+    z = x.reshape(48, -1) @ w
+    y = np.argmax(z, axis=1).astype(np.int32)
+    y[:4] = (y[:4] + 1) % 5  # 4 misclassified points
+    dist = np.array(
+        [
+            min(
+                (z[i, y[i]] - z[i, t]) / np.linalg.norm(w[:, y[i]] - w[:, t])
+                for t in range(5)
+                if t != y[i]
+            )
+            for i in range(48)
+        ]
+    )
+    eps = float(np.median(dist[4:]))
+    report = evaluate.evaluate(
+        linear_logits,
+        {"w": w, "b": np.zeros(5, np.float32)},
+        x,
+        y,
+        suite="autoattack",
+        eps=eps,
+        norm="l2",
+        batch_size=16,
+        n_iter=20,
+        n_target_classes=4,
+        n_queries=50,
+        unroll=1,
+    )
+    name = f"autoattack_l2_{evaluate.format_eps(eps)}"
+    assert list(report["accuracy"]) == ["clean", name]
+    clean = report["masks"]["clean"]
+    np.testing.assert_array_equal(clean, np.arange(48) >= 4)
+    np.testing.assert_array_equal(report["masks"][name], clean & (dist > eps))
+    assert report["autoattack"]["max_perturbation"] <= eps + 1e-6
+    # 4 targets is all there are; the only warning is the reduced budget.
+    assert len(report["warnings"]) == 1 and "reduced" in report["warnings"][0]
+
+
+def test_sanity_checks_reach_the_report():
+    """A model returning probabilities is flagged (and evaluated nonetheless)."""
+    rng = np.random.default_rng(1)
+    variables = {"w": rng.normal(size=(16, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    x = rng.uniform(0, 1, size=(8, 4, 4, 1)).astype(np.float32)
+    y = np.zeros(8, np.int32)
+    report = evaluate.evaluate(
+        lambda v, xb: jax.nn.softmax(linear_logits(v, xb)),
+        variables,
+        x,
+        y,
+        suite="autoattack",
+        batch_size=8,
+        n_iter=2,
+        n_target_classes=4,
+        n_queries=5,
+        unroll=1,
+    )
+    assert any("probability" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"suite": "strong"}, "Unknown suite"),
+        ({"suite": "autoattack", "norm": "l1"}, "Unknown norm"),
+        ({"eps": 8 / 255}, "AutoAttack budget"),
+        ({"batch_size": 12}, "multiple of the device count"),
+        ({"num_classes": 10}, "outputs 5 logits"),
+    ],
+)
+def test_invalid_arguments_fail_before_any_attack(kwargs, message):
+    variables = {"w": jnp.ones((16, 5)), "b": jnp.zeros(5)}
+    x = np.zeros((8, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match=message):
+        evaluate.evaluate(linear_logits, variables, x, np.zeros(8, np.int32), **kwargs)
+
+
+def test_eps_parsing_and_formatting():
+    assert evaluate.parse_eps("8/255") == pytest.approx(8 / 255)
+    assert evaluate.parse_eps("0.5") == 0.5
+    for bad in ("abc", "1/0", "-1", "nan"):
+        with pytest.raises(ValueError):
+            evaluate.parse_eps(bad)
+    assert [evaluate.format_eps(e) for e in (8 / 255, 0.25 / 255, 0.5, 0.1234567)] == [
+        "8/255",
+        "0.25/255",
+        "0.5",
+        "0.123457",
+    ]
+
+
+def test_cli_errors_name_the_fix(tmp_path, run_dir):
+    no_ckpt = tmp_path / "no_ckpt"
+    no_ckpt.mkdir()
+    with open(os.path.join(run_dir, "config.json")) as src:
+        (no_ckpt / "config.json").write_text(src.read())
+    (tmp_path / "empty").mkdir()
+    fix = "python -m samrobust.main --config="  # how to create a run there
+    cases = [
+        ([f"--workdir={tmp_path / 'missing'}"], ["does not exist", fix]),
+        ([f"--workdir={tmp_path / 'empty'}"], ["config.json not found", "--workdir given to"]),
+        ([f"--workdir={no_ckpt}"], ["No checkpoint", fix]),
+        ([f"--workdir={run_dir}", "--suite=strong"], ["--suite", "paper"]),
+        ([f"--workdir={run_dir}", "--suite=full", "--norm=l1"], ["--norm", "linf"]),
+        ([f"--workdir={run_dir}", "--eps=8/255"], ["--suite=autoattack"]),
+    ]
+    for flags, messages in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "samrobust.evaluate", *flags],
+            cwd=REPO,
+            env=subprocess_env(1),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode != 0, flags
+        for message in messages:
+            assert message in proc.stderr, (flags, message, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, flags
