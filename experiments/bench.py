@@ -128,11 +128,14 @@ def bench_train(args, mode: str) -> dict:
     for _ in range(args.warmup):
         state = run(state)
     jax.block_until_ready(state)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        state = run(state)
-    jax.block_until_ready(state)
-    step_s = (time.perf_counter() - t) / args.steps
+    rounds = []
+    for _ in range(args.rounds):  # the median of rounds resists a busy shared machine
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            state = run(state)
+        jax.block_until_ready(state)
+        rounds.append((time.perf_counter() - t) / args.steps)
+    step_s = float(np.median(rounds))
     out = {
         "mode": mode,
         "step_ms": 1e3 * step_s,
@@ -255,6 +258,8 @@ def bench_torch(args) -> dict:
         str(args.pgd_steps),
         "--steps",
         str(args.steps),
+        "--rounds",
+        str(args.rounds),
         "--modes",
         modes,
     ]
@@ -276,6 +281,7 @@ def main() -> None:
     p.add_argument("--pgd_steps", type=int, default=10)
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported")
     p.add_argument("--half_precision", action="store_true")
     p.add_argument("--sections", default="train,pgd,eval,input")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")

@@ -10,6 +10,7 @@ Imports the reference's model and step unchanged and only moves model and data t
 import argparse
 import importlib.util
 import os
+import statistics
 import time
 
 import torch
@@ -26,6 +27,7 @@ def main() -> None:
     p.add_argument("--pgd-steps", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--modes", default="sgd,sam,at")
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     spec = importlib.util.spec_from_file_location("torch_ref_bench", args.ref)
     ref = importlib.util.module_from_spec(spec)
@@ -45,12 +47,15 @@ def main() -> None:
     for mode in args.modes.split(","):
         for _ in range(2):  # warm-up (cuDNN autotuning, allocator)
             ref.step(model, opt, x, y, mode, 0.05, args.pgd_steps)
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            ref.step(model, opt, x, y, mode, 0.05, args.pgd_steps)
-        sync()
-        print(f"torch {mode}: {args.batch * args.steps / (time.perf_counter() - t):.1f} img/s")
+        rates = []
+        for _ in range(args.rounds):  # the median of rounds, as experiments/bench.py reports
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                ref.step(model, opt, x, y, mode, 0.05, args.pgd_steps)
+            sync()
+            rates.append(args.batch * args.steps / (time.perf_counter() - t))
+        print(f"torch {mode}: {statistics.median(rates):.1f} img/s")
 
 
 if __name__ == "__main__":
