@@ -64,8 +64,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, abstract_state: Any) -> Any | None:
-        """The latest checkpoint restored into ``abstract_state``'s structure, or None."""
+    def restore(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        """``(state, extras)`` of the latest checkpoint, or None if there is none.
+
+        ``state`` is restored into ``abstract_state``'s structure; ``extras`` is what
+        :meth:`save` was given (e.g. the training time so far).
+        """
         step = self.manager.latest_step()
         if step is None:
             return None
@@ -94,14 +98,18 @@ class Checkpointer:
                 f"({type(e).__name__}: {e}). Delete it to resume from the previous "
                 "checkpoint, or use a new --workdir."
             ) from e
-        return restored["state"]
+        return restored["state"], meta["meta"].get("extras", {})
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Saves ``state`` if ``step`` is due (or ``force``); returns whether it saved."""
+    def save(
+        self, step: int, state: Any, *, extras: dict | None = None, force: bool = False
+    ) -> bool:
+        """Saves ``state`` (and JSON ``extras``) if ``step`` is due or ``force``; returns whether
+        it saved."""
+        meta = {"config": self.config, "extras": extras or {}}
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"config": self.config})
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
             force=force,
         )

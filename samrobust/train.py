@@ -312,8 +312,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         keep=config.keep_checkpoints,
     )
     restored = ckpt.restore(state)
+    # Training time of earlier segments of this run (a resumed run adds to it).
+    earlier = {"train_seconds": 0.0, "timed_steps": 0}
     if restored is not None:
-        state = restored
+        state, extras = restored
+        earlier.update(extras)
     start_step = int(state.step)
     if is_chief:
         os.makedirs(workdir, exist_ok=True)
@@ -394,7 +397,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     _format_seconds(eta),
                 )
         if ckpt_due:
-            ckpt.save(step, state, force=step == total_steps)
+            ckpt.save(
+                step,
+                state,
+                force=step == total_steps,
+                extras={
+                    "train_seconds": earlier["train_seconds"] + timed_seconds,
+                    "timed_steps": earlier["timed_steps"] + timed_steps,
+                },
+            )
     ckpt.close()
     if jax.process_count() > 1:  # every process must hold the same replica
         multihost_utils.assert_equal(
@@ -413,14 +424,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         seed=config.seed,
         mesh=mesh,
     )
+    # Over every segment of the run; the first step of each (compilation) is not timed.
+    all_seconds = earlier["train_seconds"] + timed_seconds
+    all_steps = earlier["timed_steps"] + timed_steps
     results = {
         "mode": config.mode,
         "dataset": ds.name,
         "total_steps": int(state.step),
-        "train_images_per_s": timed_steps * config.batch_size / timed_seconds
-        if timed_steps
-        else None,
-        "train_seconds": timed_seconds,
+        "train_images_per_s": all_steps * config.batch_size / all_seconds if all_steps else None,
+        "train_seconds": all_seconds,
         "test_examples": n_eval,
         "accuracy": report["accuracy"],
         "eval_images_per_s": report["images_per_s"],

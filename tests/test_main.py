@@ -111,6 +111,13 @@ def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
 
     a, b = load_checkpoint(reference), load_checkpoint(resumed)
     assert int(a["step"]) == int(b["step"]) == 44
+    # Training time adds up over both segments (each segment's first step is not timed).
+    extras = [
+        json.load(open(os.path.join(w, "checkpoints", "44", "meta", "metadata")))["extras"]
+        for w in (reference, resumed)
+    ]
+    assert [e["timed_steps"] for e in extras] == [43, 42]
+    assert read_results(resumed)["train_seconds"] == pytest.approx(extras[1]["train_seconds"])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
