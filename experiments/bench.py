@@ -59,6 +59,14 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
 
 
+def bench_model(args):
+    """The benchmarked model (10 classes, CIFAR-like normalisation) at ``args``' settings."""
+    dtype = jnp.bfloat16 if args.half_precision else jnp.float32
+    return models.create_model(
+        args.model, 10, (0.5,) * 3, (0.25,) * 3, width=args.width, dtype=dtype
+    )
+
+
 def forward_flops(model, image_shape=(32, 32, 3)) -> int:
     """FLOPs of one image's forward pass: 2 x multiply-adds of every conv and dense layer."""
     total = 0
@@ -99,19 +107,12 @@ def bench_train(args, mode: str) -> dict:
     )
     config.attack.steps = args.pgd_steps
     mesh = evaluate.default_mesh()
-    model = models.create_model(
-        args.model,
-        10,
-        (0.5,) * 3,
-        (0.25,) * 3,
-        width=args.width,
-        dtype=jnp.bfloat16 if args.half_precision else jnp.float32,
-    )
+    model = bench_model(args)
     tx = train.create_optimizer(config, total_steps=1000)
     state = train.create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
     step = train.make_train_step(model.apply, tx, train.step_options(config), mesh)
     rng = np.random.default_rng(0)
-    images, labels = train._global_batch(
+    images, labels = evaluate.shard_batch(
         mesh,
         rng.random((args.batch, 32, 32, 3), np.float32),
         rng.integers(0, 10, args.batch).astype(np.int32),
@@ -153,7 +154,7 @@ def bench_train(args, mode: str) -> dict:
 
 def bench_pgd(args) -> list[dict]:
     """PGD-k per-step cost: rolled fori_loop vs the default unroll vs k single gradients."""
-    model = models.create_model(args.model, 10, (0.5,) * 3, (0.25,) * 3, width=args.width)
+    model = bench_model(args)
     x = jax.random.uniform(jax.random.key(0), (args.batch, 32, 32, 3))
     y = jnp.arange(args.batch) % 10
     variables = jax.jit(lambda: model.init(jax.random.key(1), x[:1], train=False))()
@@ -186,14 +187,7 @@ def bench_eval(args) -> dict:
     point: the worst case, what a robust model costs. Its figure is images per second of the
     whole cascade; ``autoattack_<attack>_images_per_s`` are per attack.
     """
-    model = models.create_model(
-        args.model,
-        10,
-        (0.5,) * 3,
-        (0.25,) * 3,
-        width=args.width,
-        dtype=jnp.bfloat16 if args.half_precision else jnp.float32,
-    )
+    model = bench_model(args)
     mesh = evaluate.default_mesh()
     logits_fn = evaluate.model_logits_fn(model.apply)
     n = args.batch * 2

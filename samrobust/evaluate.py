@@ -170,8 +170,10 @@ def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh):
     )
 
 
-def _global(mesh: Mesh, local: np.ndarray) -> jax.Array:
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), local)
+def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """This host's slices of a global batch -> global arrays sharded over ``AXIS``."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
 
 
 def _replicate(variables: Any, mesh: Mesh) -> Any:
@@ -209,7 +211,7 @@ def correctness(
         process_count=jax.process_count(),
     )
     for i, (x, y, _) in enumerate(batches):
-        c = correct_fn(variables, _global(mesh, x), _global(mesh, y), jax.random.fold_in(key, i))
+        c = correct_fn(variables, *shard_batch(mesh, x, y), jax.random.fold_in(key, i))
         out.append(_gather(c)[: len(images) - i * batch_size])
         n_correct += int(out[-1].sum())
         now = time.perf_counter()
@@ -368,8 +370,7 @@ def autoattack_suite(
             idx = np.resize(chunk, bs)[host]
             args = (
                 variables,
-                _global(mesh, images[idx]),
-                _global(mesh, labels[idx]),
+                *shard_batch(mesh, images[idx], labels[idx]),
                 jax.random.fold_in(jax.random.fold_in(key, si), bi),
             )
             if bi == 0:  # compile outside the timing

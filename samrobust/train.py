@@ -263,11 +263,6 @@ def create_train_state(
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
 
 
-def _global_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-    sharding = NamedSharding(mesh, P(AXIS))
-    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
-
-
 def _format_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -368,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
     for step in range(start_step + 1, total_steps + 1):
-        images, labels = _global_batch(mesh, *next(batches))
+        images, labels = evaluate.shard_batch(mesh, *next(batches))
         state, metrics = step_fn(state, images, labels, step_key)
         pending.append(metrics)
         log_due = step % config.log_every_steps == 0 or step == total_steps
