@@ -9,6 +9,7 @@ logging, checkpointing and evaluation settings may change between resumptions.
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 # Config keys that may differ between a checkpoint and the run that resumes it.
@@ -117,3 +118,33 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_state(
+    workdir: str, sharding: jax.sharding.Sharding, step: int | None = None
+) -> tuple[int, Any] | None:
+    """``(step, state)`` of a run's checkpoint (default: the latest), every array placed with
+    ``sharding``; the state's structure is read from the checkpoint. None if there is none.
+
+    Orbax's errors for damaged files propagate: callers say what to do about them.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    # "meta" (the config as JSON) is restored too: orbax warns about items left unread.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            return None
+        meta = mngr.item_metadata(step)["state"]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
+        )
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+    return step, restored["state"]

@@ -65,7 +65,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -73,7 +72,7 @@ from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, input_pipeline, models
 from samrobust import autoattack as aa
-from samrobust.checkpoint import CheckpointError
+from samrobust.checkpoint import CheckpointError, read_state
 
 AXIS = "batch"
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -626,32 +625,16 @@ def _restore_latest(workdir: str, mesh: Mesh) -> tuple[int, dict[str, Any]]:
         f"--workdir={workdir} (checkpoints every --config.checkpoint_every_steps steps and at "
         "the end)."
     )
-    if not os.path.isdir(directory):
+    try:
+        found = read_state(workdir, NamedSharding(mesh, P()))
+    except Exception as e:  # orbax raises many types for damaged files
+        raise CheckpointError(
+            f"The latest checkpoint in {directory} is unreadable ({type(e).__name__}: {e}). "
+            "Delete that step's directory to evaluate the previous checkpoint, or train again."
+        ) from e
+    if found is None:
         raise missing
-    replicated = NamedSharding(mesh, P())
-    # "meta" (the config as JSON) is restored too: orbax warns about items left unread.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
-        step = mngr.latest_step()
-        if step is None:
-            raise missing
-        try:
-            meta = mngr.item_metadata(step)["state"]
-            target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), meta
-            )
-            state = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-                ),
-            )["state"]
-        except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(
-                f"Checkpoint {os.path.join(directory, str(step))} is unreadable "
-                f"({type(e).__name__}: {e}). Delete that directory to evaluate the previous "
-                "checkpoint, or train again."
-            ) from e
+    step, state = found
     return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 

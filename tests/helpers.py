@@ -71,17 +71,8 @@ def read_results(workdir: str) -> dict:
 def load_checkpoint(workdir: str, step: int | None = None) -> dict:
     """The saved train state at ``step`` (default: latest) as a dict of numpy arrays."""
     import jax
-    import orbax.checkpoint as ocp
 
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
-    ) as mngr:
-        step = mngr.latest_step() if step is None else step
-        meta = mngr.item_metadata(step)["state"]
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
-        )
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return jax.tree.map(np.asarray, state["state"])
+    from samrobust.checkpoint import read_state
+
+    _, state = read_state(workdir, jax.sharding.SingleDeviceSharding(jax.devices()[0]), step)
+    return jax.tree.map(np.asarray, state)
