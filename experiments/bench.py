@@ -14,14 +14,19 @@ tensorflow.
 """
 
 import argparse
+import collections
 import datetime
+import glob
+import gzip
 import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -94,7 +99,9 @@ def model_flops_per_step(model, mode: str, args) -> int:
     return passes * forward_flops(model) * args.batch
 
 
-def bench_train(args, mode: str) -> dict:
+def train_setup(args, mode: str):
+    """``samrobust.main``'s train step for ``mode``, compiled on all devices, with a state and
+    a batch: ``(compiled, state, (images, labels, key), compile_s)``."""
     config = default_config.get_config()
     config.update(
         mode=mode,
@@ -120,8 +127,14 @@ def bench_train(args, mode: str) -> dict:
     key = jax.random.key(1)
     t = time.perf_counter()
     compiled = step.lower(state, images, labels, key).compile()
-    compile_s = time.perf_counter() - t
+    return compiled, state, (images, labels, key), time.perf_counter() - t
+
+
+def bench_train(args, mode: str) -> dict:
+    """Step time, images/s, compile time, memory and MFU of ``mode``'s train step."""
+    compiled, state, (images, labels, key), compile_s = train_setup(args, mode)
     memory = compiled.memory_analysis()
+    model = bench_model(args)
 
     def run(state):
         return compiled(state, images, labels, key)[0]
@@ -150,6 +163,72 @@ def bench_train(args, mode: str) -> dict:
     if peak:
         out["mfu"] = out["model_flops_per_step"] / step_s / (peak * 1e12)
     return out
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+    """Kind of every instruction of an optimised HLO module, by what its fusion computes:
+    ``conv weight-grad`` (a convolution with a kernel-shaped, k x k output), ``conv``
+    (forward or input gradient), ``transpose/copy``, ``reduce``, ``elementwise``, ``other``."""
+    bodies = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"\n%?([\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo_text, re.S)
+    }
+    kinds = {}
+    for m in re.finditer(
+        r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$", hlo_text, re.M
+    ):
+        name, shape, op, rest = m.groups()
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        body = bodies.get(called.group(1), "") if called else ""
+        ops = set(re.findall(r"= \S+ ([\w\-]+)\(", body)) | {op}
+        dims = [int(d) for d in re.findall(r"\d+", shape.partition("[")[2].partition("]")[0])]
+        if "convolution" in ops:
+            kernel_shaped = len(dims) == 4 and dims[1] == dims[2] and dims[1] in (1, 3, 5, 7)
+            kinds[name] = "conv weight-grad" if kernel_shaped else "conv"
+        elif "transpose" in ops or op == "copy":
+            kinds[name] = "transpose/copy"
+        elif "reduce" in ops:
+            kinds[name] = "reduce"
+        elif op == "fusion":
+            kinds[name] = "elementwise"
+        else:
+            kinds[name] = "other"
+    return kinds
+
+
+def bench_profile(args, mode: str, steps: int = 5) -> dict:
+    """Where ``mode``'s train step spends its time: a ``jax.profiler`` trace of ``steps``
+    steps, XLA op time per step grouped by :func:`op_kinds`, and the slowest ops."""
+    compiled, state, batch, _ = train_setup(args, mode)
+    kinds = op_kinds(compiled.as_text())
+    for _ in range(2):
+        state = compiled(state, *batch)[0]
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(steps):
+            state = compiled(state, *batch)[0]
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in kinds:
+            per_op[e["name"]] += e["dur"] / 1e3 / steps  # us -> ms per step
+    per_kind = collections.Counter()
+    for name, ms in per_op.items():
+        per_kind[kinds[name]] += ms
+    total = sum(per_kind.values())
+    return {
+        "mode": mode,
+        "op_ms_per_step": total,
+        "kinds_ms": dict(per_kind.most_common()),
+        "kinds_share": {k: v / total for k, v in per_kind.most_common()},
+        "slowest_ops_ms": dict((f"{n} ({kinds[n]})", v) for n, v in per_op.most_common(10)),
+    }
 
 
 def bench_pgd(args) -> list[dict]:
@@ -277,10 +356,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; the median is reported")
     p.add_argument("--half_precision", action="store_true")
-    p.add_argument("--sections", default="train,pgd,eval,input")
+    p.add_argument(
+        "--sections",
+        default="train,pgd,eval,input",
+        help="any of train,pgd,eval,input,profile (profile: XLA op time by kind)",
+    )
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--cpu_devices", type=int, default=None, help=evaluate.CPU_DEVICES_HELP)
     args = p.parse_args()
+    evaluate.set_cpu_devices(args.cpu_devices)
     sections = args.sections.split(",")
     result = {
         "command": " ".join(sys.argv),
@@ -320,6 +405,12 @@ def main() -> None:
                 f"{r.get('vs_sgd', float('nan')):8.2f}{r['target_vs_sgd']:8.2f}"
                 f"{r['compile_s']:11.1f}{mem:>10}{mfu:>7}"
             )
+    if "profile" in sections:
+        result["profile"] = [bench_profile(args, m) for m in args.modes.split(",")]
+        for r in result["profile"]:
+            print(f"\nprofile of the {r['mode']} step: {r['op_ms_per_step']:.1f} ms of XLA ops")
+            for kind, ms in r["kinds_ms"].items():
+                print(f"  {kind:18}{ms:9.2f} ms {100 * r['kinds_share'][kind]:6.1f}%")
     if "pgd" in sections:
         result["pgd"] = bench_pgd(args)
         print("\nPGD-k, ms per step (x one input gradient):")

@@ -1,15 +1,17 @@
 """Entry point: ``python -m samrobust.main --config=configs/sam.py:digits --workdir=DIR``.
 
 Any config field can be overridden, e.g. ``--config.rho=0.1 --config.attack.eps=0.0157``.
-On several processes (TPU pods, or ``--num_processes`` with a coordinator), JAX's
-distributed runtime is initialised first; every process runs this same command.
+On a CPU, ``--cpu_devices=N`` (one per core) trains data-parallel over the cores, faster than
+one device at CIFAR shapes. On several processes (TPU pods, or ``--num_processes`` with a
+coordinator), JAX's distributed runtime is initialised first; every process runs this same
+command.
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from samrobust import train
+from samrobust import evaluate, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -18,6 +20,7 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+flags.DEFINE_integer("cpu_devices", None, evaluate.CPU_DEVICES_HELP, lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,6 +34,7 @@ def _quiet_libraries() -> None:
 def main(argv):
     del argv
     _quiet_libraries()
+    evaluate.set_cpu_devices(FLAGS.cpu_devices)
     if FLAGS.distributed or FLAGS.coordinator_address:
         # Cross-process collectives for CPU devices (harmless on GPU/TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

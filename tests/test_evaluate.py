@@ -52,8 +52,11 @@ def run_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def full_eval(run_dir) -> tuple[subprocess.CompletedProcess, dict, dict]:
-    """``--suite=full`` on the first N test examples, 8 devices: (process, JSON, masks)."""
-    proc = run_evaluate(run_dir, "--suite=full", f"--num_examples={N}", *AA_FAST)
+    """``--suite=full`` on the first N test examples, 8 devices (the host CPU split by
+    ``--cpu_devices``): (process, JSON, masks)."""
+    proc = run_evaluate(
+        run_dir, "--suite=full", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST, devices=1
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(os.path.join(run_dir, "eval_full.json")) as f:
         report = json.load(f)

@@ -61,6 +61,12 @@ def test_tensorboard_reads_the_event_file(tmp_path):
     assert "eval/clean" in acc.Tags()["scalars"]
 
 
+def test_cpu_devices_must_be_positive(tmp_path):
+    proc = run_main("configs/sgd.py:digits", str(tmp_path), "--cpu_devices=0", check=False)
+    assert proc.returncode != 0
+    assert "--cpu_devices=0: 0 is not a positive integer" in proc.stderr
+
+
 @pytest.mark.slow
 def test_default_digits_run_learns(tmp_path):
     """The README's first command: far above chance (10%) on the digits test split."""
@@ -129,10 +135,12 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(tmp_path):
-    """jax.distributed on 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices."""
+    """jax.distributed on 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices
+    (the host CPU split by ``--cpu_devices``)."""
     overrides = [*TINY, "--config.num_epochs=1"]
     single = str(tmp_path / "single")
-    run_main("configs/sam.py:digits", single, *overrides, devices=2)
+    proc = run_main("configs/sam.py:digits", single, *overrides, "--cpu_devices=2", devices=1)
+    assert "2 devices (2 local)" in proc.stderr
 
     multi = str(tmp_path / "multi")
     port = _free_port()
