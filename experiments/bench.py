@@ -198,7 +198,8 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
 
 def bench_profile(args, mode: str, steps: int = 5) -> dict:
     """Where ``mode``'s train step spends its time: a ``jax.profiler`` trace of ``steps``
-    steps, XLA op time per step grouped by :func:`op_kinds`, and the slowest ops."""
+    steps, XLA op time per step (summed over devices) grouped by :func:`op_kinds`, and the
+    slowest ops. Made for XLA:CPU, whose trace names every op after its HLO instruction."""
     compiled, state, batch, _ = train_setup(args, mode)
     kinds = op_kinds(compiled.as_text())
     for _ in range(2):
