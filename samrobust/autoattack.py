@@ -340,8 +340,9 @@ def _apgd_checks(eps: float, norm: str, n_iter: int, loss: str, n_restarts: int)
     if loss not in ("ce", "dlr"):
         raise ValueError(f"Unknown APGD loss {loss!r}; choose 'ce' or 'dlr'")
     if eps < 0 or n_iter < 1 or n_restarts < 1:
-        raise ValueError(f"apgd needs eps >= 0, n_iter >= 1, n_restarts >= 1; got {eps}, "
-                         f"{n_iter}, {n_restarts}")
+        raise ValueError(
+            f"apgd needs eps >= 0, n_iter >= 1, n_restarts >= 1; got {eps}, {n_iter}, {n_restarts}"
+        )
 
 
 def apgd(
@@ -372,7 +373,15 @@ def apgd(
     unroll = 1 if unroll is None else unroll  # rolled: see the module docstring
     x = jax.lax.stop_gradient(x)
     run = functools.partial(
-        _apgd_run, logits_fn, x, y, eps=eps, norm=norm, n_iter=n_iter, loss=loss, rho=rho,
+        _apgd_run,
+        logits_fn,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        n_iter=n_iter,
+        loss=loss,
+        rho=rho,
         unroll=unroll,
     )
     adv = _best_of_runs(logits_fn, x, y, key, n_restarts, lambda j, k: run(k, target))
@@ -405,7 +414,15 @@ def apgd_targeted(
     if n_t < 1:
         raise ValueError("apgd_targeted needs at least 2 classes and n_target_classes >= 1")
     run = functools.partial(
-        _apgd_run, logits_fn, x, y, eps=eps, norm=norm, n_iter=n_iter, loss=loss, rho=rho,
+        _apgd_run,
+        logits_fn,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        n_iter=n_iter,
+        loss=loss,
+        rho=rho,
         unroll=unroll,
     )
 
@@ -564,15 +581,23 @@ def fab_targeted(
             kj = jax.random.fold_in(key, j)
             if norm == "linf":
                 u = jax.random.uniform(kj, x.shape, jnp.float32, -1.0, 1.0)
-                u = u / (jnp.max(jnp.abs(u), axis=tuple(range(1, x.ndim)), keepdims=True)
-                         + 1e-12)
+                u = u / (jnp.max(jnp.abs(u), axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-12)
             else:
                 u = jax.random.normal(kj, x.shape, jnp.float32)
                 u = u / (_flat_norm(u) + 1e-12)
             x_start = jnp.where(j % n_restarts > 0, jnp.clip(x + radius * u, 0.0, 1.0), x)
         cand, dist = _fab_run(
-            logits_fn, x, y, _target_classes(clean_logits, j // n_restarts), x_start,
-            norm=norm, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta, unroll=unroll,
+            logits_fn,
+            x,
+            y,
+            _target_classes(clean_logits, j // n_restarts),
+            x_start,
+            norm=norm,
+            n_iter=n_iter,
+            alpha_max=alpha_max,
+            eta=eta,
+            beta=beta,
+            unroll=unroll,
         )
         take = ~done(best) & (dist < best)
         return jnp.where(take.reshape(bshape), cand, adv), jnp.where(take, dist, best)
@@ -650,12 +675,14 @@ def _eta_window(
 def square_eta(s: int) -> np.ndarray:
     """The reference ``eta(s)`` (untransposed) as a numpy ``s x s`` array: the pattern that
     :func:`_eta_window` draws in a window."""
+
     def rectangles(n, m):
         out = np.zeros((n, m))
         for k in range(max(n, m) // 2 + 1):
             r0, c0 = n // 2 - k, m // 2 - k
-            out[max(r0, 0):max(r0 + 2 * k + 1, 0), max(c0, 0):max(c0 + 2 * k + 1, 0)] += (
-                1.0 / (k + 1) ** 2)
+            out[max(r0, 0) : max(r0 + 2 * k + 1, 0), max(c0, 0) : max(c0 + 2 * k + 1, 0)] += (
+                1.0 / (k + 1) ** 2
+            )
         return out / (np.linalg.norm(out) + 1e-12)
 
     out = np.concatenate([rectangles(s // 2, s), -rectangles(s - s // 2, s)])
@@ -674,7 +701,7 @@ def _square_l2_init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     pat = jnp.where(u[..., 0] < 0.5, eta.T, eta)[..., None]  # [b, nh, nw, s, s, 1]
     sign = jnp.where(u[..., 1:] < 0.5, 1.0, -1.0)
     blocks = (pat * sign).transpose(0, 1, 3, 2, 4, 5).reshape(b, nh * s, nw * s, c)
-    return jnp.zeros(shape, jnp.float32).at[:, oh:oh + nh * s, ow:ow + nw * s].set(blocks)
+    return jnp.zeros(shape, jnp.float32).at[:, oh : oh + nh * s, ow : ow + nw * s].set(blocks)
 
 
 def square_attack(
@@ -776,9 +803,7 @@ def square_attack(
         )
 
     def body(i, carry):
-        return jax.lax.cond(
-            jnp.any(carry[1] > 0), functools.partial(query, i), lambda c: c, carry
-        )
+        return jax.lax.cond(jnp.any(carry[1] > 0), functools.partial(query, i), lambda c: c, carry)
 
     x_best, _ = jax.lax.fori_loop(0, n_queries, body, (x_best, m_best), unroll=unroll)
     return jax.lax.stop_gradient(x_best)
@@ -826,18 +851,24 @@ def make_stage(
 ) -> StageFn:
     """The attack ``name`` of the standard protocol as ``(logits_fn, x, y, key) -> x_adv``."""
     if name == "apgd-ce":
-        return functools.partial(
-            apgd, eps=eps, norm=norm, n_iter=n_iter, loss="ce", unroll=unroll
-        )
+        return functools.partial(apgd, eps=eps, norm=norm, n_iter=n_iter, loss="ce", unroll=unroll)
     if name == "apgd-t":
         return functools.partial(
-            apgd_targeted, eps=eps, norm=norm, n_iter=n_iter,
-            n_target_classes=n_target_classes, unroll=unroll,
+            apgd_targeted,
+            eps=eps,
+            norm=norm,
+            n_iter=n_iter,
+            n_target_classes=n_target_classes,
+            unroll=unroll,
         )
     if name == "fab-t":
         return functools.partial(
-            fab_targeted, eps=eps, norm=norm, n_iter=n_iter,
-            n_target_classes=n_target_classes, unroll=unroll,
+            fab_targeted,
+            eps=eps,
+            norm=norm,
+            n_iter=n_iter,
+            n_target_classes=n_target_classes,
+            unroll=unroll,
         )
     if name == "square":
         return functools.partial(square_attack, eps=eps, norm=norm, n_queries=n_queries)
@@ -868,8 +899,18 @@ def _standard_stages(
         raise ValueError(f"num_classes={num_classes} but the model outputs {out_dim} logits")
     names = STANDARD_ATTACKS if attacks is None else tuple(attacks)
     return [
-        (name, make_stage(name, eps=eps, norm=norm, n_iter=n_iter,
-                          n_target_classes=n_target_classes, n_queries=n_queries, unroll=unroll))
+        (
+            name,
+            make_stage(
+                name,
+                eps=eps,
+                norm=norm,
+                n_iter=n_iter,
+                n_target_classes=n_target_classes,
+                n_queries=n_queries,
+                unroll=unroll,
+            ),
+        )
         for name in names
     ]
 
@@ -915,7 +956,7 @@ def run_cascade(
 
     def batches(idx):
         for start in range(0, len(idx), bs):
-            chunk = idx[start:start + bs]
+            chunk = idx[start : start + bs]
             yield start // bs, chunk, np.resize(chunk, bs)
 
     clean = np.zeros(n, bool)
@@ -964,9 +1005,17 @@ def autoattack(
     tests). Returns an :class:`AutoAttackResult` of numpy arrays.
     """
     stages = _standard_stages(
-        logits_fn, x, eps=eps, norm=norm, num_classes=num_classes, version=version,
-        attacks=attacks, n_iter=n_iter, n_target_classes=n_target_classes,
-        n_queries=n_queries, unroll=unroll,
+        logits_fn,
+        x,
+        eps=eps,
+        norm=norm,
+        num_classes=num_classes,
+        version=version,
+        attacks=attacks,
+        n_iter=n_iter,
+        n_target_classes=n_target_classes,
+        n_queries=n_queries,
+        unroll=unroll,
     )
     return run_cascade(logits_fn, x, y, key, stages, eps=eps, norm=norm, batch_size=batch_size)
 
@@ -993,9 +1042,17 @@ def autoattack_batch(
     that of running every attack on every point. No final ``RuntimeError`` check (it cannot
     raise under ``jit``); ``max_perturbation`` is a scalar array."""
     stages = _standard_stages(
-        logits_fn, x, eps=eps, norm=norm, num_classes=num_classes, version=version,
-        attacks=attacks, n_iter=n_iter, n_target_classes=n_target_classes,
-        n_queries=n_queries, unroll=unroll,
+        logits_fn,
+        x,
+        eps=eps,
+        norm=norm,
+        num_classes=num_classes,
+        version=version,
+        attacks=attacks,
+        n_iter=n_iter,
+        n_target_classes=n_target_classes,
+        n_queries=n_queries,
+        unroll=unroll,
     )
     x = jax.lax.stop_gradient(x)
     clean = jnp.argmax(logits_fn(x), axis=-1) == y
@@ -1050,26 +1107,33 @@ def sanity_checks(
 
     def forward():
         return np.concatenate(
-            [np.asarray(logits_fn(jnp.asarray(x[i:i + bs])), np.float32) for i in range(0, n, bs)]
+            [np.asarray(logits_fn(jnp.asarray(x[i : i + bs])), np.float32) for i in range(0, n, bs)]
         )
 
     outputs = [forward() for _ in range(max(n_repeats, 1))]
     out = outputs[0]
     n_cls = out.shape[-1]
     if out.max() < 1 + tol and out.min() > -tol and np.all(np.abs(out.sum(-1) - 1) < tol):
-        warnings.append("the outputs look like a probability distribution (in [0, 1], rows "
-                        "summing to 1): attacks need the logits")
+        warnings.append(
+            "the outputs look like a probability distribution (in [0, 1], rows "
+            "summing to 1): attacks need the logits"
+        )
     unit = [o / (np.linalg.norm(o, axis=-1, keepdims=True) + 1e-10) for o in outputs]
     n_correct = [int(np.sum(o.argmax(-1) == y)) for o in outputs]
     max_diff = max(
-        (float(np.max(np.linalg.norm(a - b, axis=-1))) for i, a in enumerate(unit)
-         for b in unit[i + 1:]),
+        (
+            float(np.max(np.linalg.norm(a - b, axis=-1)))
+            for i, a in enumerate(unit)
+            for b in unit[i + 1 :]
+        ),
         default=0.0,
     )
     if len(set(n_correct)) > 1 or max_diff > random_tol:
-        warnings.append(f"repeated forward passes disagree (max normalised difference "
-                        f"{max_diff:.2e}): the model looks randomised; the standard version "
-                        "assumes a deterministic model")
+        warnings.append(
+            f"repeated forward passes disagree (max normalised difference "
+            f"{max_diff:.2e}): the model looks randomised; the standard version "
+            "assumes a deterministic model"
+        )
 
     # The DLR loss is constant where y ranks third, so only the attacked (correctly
     # classified) points are checked, as in the reference (which checks inside APGD).
@@ -1079,23 +1143,29 @@ def sanity_checks(
     correct = out.argmax(-1) == y
     zero = 0
     for i in range(0, n, bs):
-        g = np.asarray(grad_fn(jnp.asarray(x[i:i + bs]), jnp.asarray(y[i:i + bs])))
+        g = np.asarray(grad_fn(jnp.asarray(x[i : i + bs]), jnp.asarray(y[i : i + bs])))
         flat_zero = np.abs(g.reshape(g.shape[0], -1)).sum(-1) == 0
-        zero += int(np.sum(flat_zero & correct[i:i + bs]))
+        zero += int(np.sum(flat_zero & correct[i : i + bs]))
     if zero:
-        warnings.append(f"there are {zero} correctly classified points with zero gradient (of "
-                        "the DLR loss): gradient-based attacks may be unreliable")
+        warnings.append(
+            f"there are {zero} correctly classified points with zero gradient (of "
+            "the DLR loss): gradient-based attacks may be unreliable"
+        )
 
     if "apgd-t" in attacks or "apgd-dlr" in attacks:
         if n_cls <= 2:
-            warnings.append(f"with only {n_cls} classes the DLR loss is not defined (falls "
-                            "back to the margin)")
+            warnings.append(
+                f"with only {n_cls} classes the DLR loss is not defined (falls back to the margin)"
+            )
         elif n_cls == 3:
-            warnings.append(f"with only {n_cls} classes the targeted DLR loss is not defined "
-                            "(falls back to a 3-class denominator)")
+            warnings.append(
+                f"with only {n_cls} classes the targeted DLR loss is not defined "
+                "(falls back to a 3-class denominator)"
+            )
     if ("apgd-t" in attacks or "fab-t" in attacks) and n_target_classes + 1 > n_cls:
-        warnings.append(f"{n_target_classes} target classes requested but only {n_cls - 1} "
-                        "are possible")
+        warnings.append(
+            f"{n_target_classes} target classes requested but only {n_cls - 1} are possible"
+        )
 
     clean_acc = float(np.mean(out.argmax(-1) == y)) if n else 0.0
     if result is not None:
@@ -1104,13 +1174,19 @@ def sanity_checks(
         if "square" in accs and len(accs) > 2:
             before = min(v for k, v in accs.items() if k != "square")
             if accs["square"] < before - square_tol:
-                warnings.append(f"Square Attack lowered the robust accuracy by "
-                                f"{before - accs['square']:.2%} after the gradient attacks: "
-                                "a sign of gradient masking; consider adaptive attacks")
+                warnings.append(
+                    f"Square Attack lowered the robust accuracy by "
+                    f"{before - accs['square']:.2%} after the gradient attacks: "
+                    "a sign of gradient masking; consider adaptive attacks"
+                )
         if clean_acc < result.robust_accuracy:
-            warnings.append(f"clean accuracy {clean_acc:.2%} is below the robust accuracy "
-                            f"{result.robust_accuracy:.2%}")
+            warnings.append(
+                f"clean accuracy {clean_acc:.2%} is below the robust accuracy "
+                f"{result.robust_accuracy:.2%}"
+            )
     if robust_accuracy is not None and clean_acc < robust_accuracy:
-        warnings.append(f"clean accuracy {clean_acc:.2%} is below the given robust accuracy "
-                        f"{robust_accuracy:.2%}")
+        warnings.append(
+            f"clean accuracy {clean_acc:.2%} is below the given robust accuracy "
+            f"{robust_accuracy:.2%}"
+        )
     return warnings

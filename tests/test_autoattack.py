@@ -71,8 +71,12 @@ def mlp():
 
     x_train, y_train = sample(512, 1)
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    params = {"w1": jax.random.normal(k1, (D, 32)) / 4, "b1": jnp.zeros(32),
-              "w2": jax.random.normal(k2, (32, 4)) / 6, "b2": jnp.zeros(4)}
+    params = {
+        "w1": jax.random.normal(k1, (D, 32)) / 4,
+        "b1": jnp.zeros(32),
+        "w2": jax.random.normal(k2, (32, 4)) / 6,
+        "b2": jnp.zeros(4),
+    }
 
     def apply(p, x):
         h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
@@ -84,8 +88,11 @@ def mlp():
     def train(p):
         def step(_, carry):
             p, s = carry
-            g = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
-                apply(q, x_train), y_train).mean())(p)
+            g = jax.grad(
+                lambda q: optax.softmax_cross_entropy_with_integer_labels(
+                    apply(q, x_train), y_train
+                ).mean()
+            )(p)
             u, s = opt.update(g, s, p)
             return optax.apply_updates(p, u), s
 
@@ -103,17 +110,22 @@ def test_dlr_losses_match_their_formulas():
     z = jnp.array([[3.0, 1.0, 2.0, -1.0, 0.5], [0.0, 4.0, 1.0, 2.0, 3.0]])
     y = jnp.array([0, 2])
     # sorted: row 0: 3, 2, 1, 0.5, -1 ; row 1: 4, 3, 2, 1, 0
-    np.testing.assert_allclose(aa.dlr_loss(z, y), [-(3 - 2) / (3 - 1), -(1 - 4) / (4 - 2)],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        aa.dlr_loss(z, y), [-(3 - 2) / (3 - 1), -(1 - 4) / (4 - 2)], rtol=1e-6
+    )
     t = jnp.array([2, 4])
     np.testing.assert_allclose(
         aa.dlr_targeted_loss(z, y, t),
-        [-(3 - 2) / (3 - (1 + 0.5) / 2), -(1 - 3) / (4 - (2 + 1) / 2)], rtol=1e-6)
+        [-(3 - 2) / (3 - (1 + 0.5) / 2), -(1 - 3) / (4 - (2 + 1) / 2)],
+        rtol=1e-6,
+    )
     # Fewer classes: 2 -> the plain margin; targeted with 3 -> z_pi1 - z_pi3.
     np.testing.assert_allclose(aa.dlr_loss(z[:, :2], jnp.array([0, 0])), [-2.0, 4.0])
-    np.testing.assert_allclose(aa.dlr_targeted_loss(z[:, :3], jnp.array([0, 0]),
-                                                    jnp.array([2, 1])),
-                               [-(3 - 2) / (3 - 1), -(0 - 4) / (4 - 0)], rtol=1e-6)
+    np.testing.assert_allclose(
+        aa.dlr_targeted_loss(z[:, :3], jnp.array([0, 0]), jnp.array([2, 1])),
+        [-(3 - 2) / (3 - 1), -(0 - 4) / (4 - 0)],
+        rtol=1e-6,
+    )
 
 
 def test_apgd_checkpoints_follow_the_paper_schedule():
@@ -158,8 +170,12 @@ def test_projection_is_the_box_constrained_minimum(norm, seed, scale):
     t = rng.uniform(0, 1, (4, 12))
     w = rng.normal(size=(4, 12)) * (rng.uniform(size=(4, 12)) > 0.2)  # some zero weights
     c = rng.normal(size=4) * scale
-    d = np.asarray(_jit_projection(norm)(jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32),
-                                         jnp.asarray(c, jnp.float32)), np.float64)
+    d = np.asarray(
+        _jit_projection(norm)(
+            jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(c, jnp.float32)
+        ),
+        np.float64,
+    )
     for i in range(4):
         ref = _bisect_projection(t[i], w[i], c[i], norm)
         # float32 against float64: tau = (|c| - sum of saturated terms) / slope cancels.
@@ -180,15 +196,16 @@ def _jit_projection(norm):
 @pytest.mark.parametrize("s", [1, 3, 5, 6])
 def test_square_window_pattern_matches_the_reference_construction(s):
     """The closed form drawn in a window at (1, 2) equals the loop-built eta(s)."""
-    pat = aa._eta_window(8, 9, jnp.array([1, 1]), jnp.array([2, 2]), jnp.asarray(s),
-                         jnp.array([False, True]))
+    pat = aa._eta_window(
+        8, 9, jnp.array([1, 1]), jnp.array([2, 2]), jnp.asarray(s), jnp.array([False, True])
+    )
     eta = aa.square_eta(s)
-    np.testing.assert_allclose(pat[0, 1:1 + s, 2:2 + s], eta, atol=1e-6)
-    np.testing.assert_allclose(pat[1, 1:1 + s, 2:2 + s], eta.T, atol=1e-6)
+    np.testing.assert_allclose(pat[0, 1 : 1 + s, 2 : 2 + s], eta, atol=1e-6)
+    np.testing.assert_allclose(pat[1, 1 : 1 + s, 2 : 2 + s], eta.T, atol=1e-6)
     assert float(jnp.sum(jnp.abs(pat))) == pytest.approx(2 * np.abs(eta).sum(), rel=1e-5)
     assert np.linalg.norm(eta) == pytest.approx(1.0)
     if s >= 2:  # two stacked halves of opposite signs
-        assert np.all(eta[: s // 2] >= 0) and np.all(eta[s // 2:] <= 0)
+        assert np.all(eta[: s // 2] >= 0) and np.all(eta[s // 2 :] <= 0)
 
 
 # ----------------------------------------------------------------- linear-model optima
@@ -214,16 +231,16 @@ def test_apgd_finds_the_analytic_worst_case_of_a_binary_linear_model(norm, eps):
 
     unroll = None if norm == "linf" else 1  # cover the default (full unroll on CPU) once
     n_iter = 10 if norm == "linf" else 20  # Linf reaches the corner in one step
-    attack = jax.jit(lambda x, y, k: aa.apgd(f, x, y, k, eps=eps, norm=norm, n_iter=n_iter,
-                                             unroll=unroll))
+    attack = jax.jit(
+        lambda x, y, k: aa.apgd(f, x, y, k, eps=eps, norm=norm, n_iter=n_iter, unroll=unroll)
+    )
     x_adv = attack(jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
     assert_valid(x, x_adv, eps, norm)
     margin = -np.asarray(cw_margin(f(x_adv), jnp.asarray(y)))
     assert 0 < robust.sum() < 8
     # Robust points: APGD's best point is the analytic worst case.
     np.testing.assert_allclose(margin[robust], margin_star[robust], rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(x_adv).reshape(8, -1)[robust], x_star[robust],
-                               atol=2e-3)
+    np.testing.assert_allclose(np.asarray(x_adv).reshape(8, -1)[robust], x_star[robust], atol=2e-3)
     # The others are fooled.
     assert np.all(margin[~robust] < 0)
 
@@ -232,8 +249,9 @@ def test_apgd_finds_the_analytic_worst_case_of_a_binary_linear_model(norm, eps):
 def test_fab_finds_the_minimal_adversarial_distance_of_a_linear_model(linear5, norm):
     w, x, y = linear5
     f = linear_model(w)
-    attack = jax.jit(lambda x, y, k: aa.fab_targeted(f, x, y, k, eps=None, norm=norm,
-                                                     n_iter=30, unroll=1))
+    attack = jax.jit(
+        lambda x, y, k: aa.fab_targeted(f, x, y, k, eps=None, norm=norm, n_iter=30, unroll=1)
+    )
     x_adv = attack(jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
     assert np.all(np.argmax(np.asarray(f(x_adv)), axis=1) != y)
     dist = np.asarray(aa.perturbation_norm(x_adv - x, norm))
@@ -241,8 +259,9 @@ def test_fab_finds_the_minimal_adversarial_distance_of_a_linear_model(linear5, n
     np.testing.assert_allclose(dist, analytic_distance(w, x, y, norm), rtol=0.01)
     # With eps, FAB-T keeps only adversarials within eps.
     eps = float(np.median(dist))
-    x_eps = jax.jit(lambda x, y, k: aa.fab_targeted(f, x, y, k, eps=eps, norm=norm, n_iter=30,
-                                                    unroll=1))(x, y, jax.random.PRNGKey(0))
+    x_eps = jax.jit(
+        lambda x, y, k: aa.fab_targeted(f, x, y, k, eps=eps, norm=norm, n_iter=30, unroll=1)
+    )(x, y, jax.random.PRNGKey(0))
     fooled = np.argmax(np.asarray(f(x_eps)), axis=1) != y
     np.testing.assert_array_equal(fooled, dist <= eps)
     assert_valid(x, x_eps, eps, norm)
@@ -254,11 +273,15 @@ def test_apgd_ce_and_apgd_t_succeed_at_least_as_often_as_pgd(linear5):
     eps = float(np.median(analytic_distance(w, x, y, "linf")))
     key = jax.random.PRNGKey(0)
     args = (jnp.asarray(x), jnp.asarray(y), key)
-    x_pgd = jax.jit(lambda x, y, k: pgd(input_loss(f), x, y, k, eps=eps, step_size=eps / 4,
-                                        steps=10, unroll=1))(*args)
+    x_pgd = jax.jit(
+        lambda x, y, k: pgd(input_loss(f), x, y, k, eps=eps, step_size=eps / 4, steps=10, unroll=1)
+    )(*args)
     x_ce = jax.jit(lambda x, y, k: aa.apgd(f, x, y, k, eps=eps, n_iter=20, unroll=1))(*args)
-    x_t = jax.jit(lambda x, y, k: aa.apgd_targeted(f, x, y, k, eps=eps, n_iter=20,
-                                                   n_target_classes=4, unroll=1))(*args)
+    x_t = jax.jit(
+        lambda x, y, k: aa.apgd_targeted(
+            f, x, y, k, eps=eps, n_iter=20, n_target_classes=4, unroll=1
+        )
+    )(*args)
 
     def success(xa):
         assert_valid(x, xa, eps, "linf")
@@ -278,8 +301,9 @@ def test_apgd_ce_and_apgd_t_succeed_at_least_as_often_as_pgd(linear5):
 def test_cascade_counts_a_point_robust_only_if_every_attack_failed():
     """Fake stages: each 'fools' a fixed set; invalid points must not count."""
     # class = argmax(x_0, x_1); a pytree model, passed to the jitted stages as an argument
-    f = jax.tree_util.Partial(lambda w, xb: xb.reshape(xb.shape[0], -1) @ w,
-                              jnp.eye(D, 2, dtype=jnp.float32))
+    f = jax.tree_util.Partial(
+        lambda w, xb: xb.reshape(xb.shape[0], -1) @ w, jnp.eye(D, 2, dtype=jnp.float32)
+    )
     n = 10
     x = np.full((n, H, H, 1), 0.5, np.float32)
     x[:, 0, 0, 0] = 0.6  # class 0 with margin 0.1
@@ -309,11 +333,14 @@ def test_cascade_counts_a_point_robust_only_if_every_attack_failed():
         ("c", flipper({3, 4}, 0.12)),
         ("d", flipper({4, 9}, 0.12)),  # 9 was never robust
     ]
-    res = aa.run_cascade(f, x, y, jax.random.PRNGKey(0), stages, eps=eps, norm="linf",
-                         batch_size=4)
+    res = aa.run_cascade(f, x, y, jax.random.PRNGKey(0), stages, eps=eps, norm="linf", batch_size=4)
     np.testing.assert_array_equal(res.clean, np.arange(n) != 9)
-    expected = {"a": {2, 3, 4, 5, 6, 7, 8}, "b": {2, 3, 4, 5, 6, 7, 8},
-                "c": {2, 5, 6, 7, 8}, "d": {2, 5, 6, 7, 8}}
+    expected = {
+        "a": {2, 3, 4, 5, 6, 7, 8},
+        "b": {2, 3, 4, 5, 6, 7, 8},
+        "c": {2, 5, 6, 7, 8},
+        "d": {2, 5, 6, 7, 8},
+    }
     for name, robust_set in expected.items():
         assert set(np.flatnonzero(res.stages[name])) == robust_set, name
     np.testing.assert_array_equal(res.robust, res.stages["d"])
@@ -345,11 +372,24 @@ def test_autoattack_on_a_trained_mlp_orders_clean_pgd_autoattack(mlp):
     eps = 0.06
     key = jax.random.PRNGKey(0)
     clean = np.mean(np.argmax(np.asarray(f(x)), axis=1) == y)
-    x_pgd = jax.jit(lambda x, y, k: pgd(input_loss(f), x, y, k, eps=eps, step_size=eps / 4,
-                                        steps=10, unroll=1))(x, y, key)
+    x_pgd = jax.jit(
+        lambda x, y, k: pgd(input_loss(f), x, y, k, eps=eps, step_size=eps / 4, steps=10, unroll=1)
+    )(x, y, key)
     pgd_acc = np.mean(np.argmax(np.asarray(f(x_pgd)), axis=1) == y)
-    res = aa.autoattack(f, x, y, key, eps=eps, norm="linf", num_classes=4, n_iter=20,
-                        n_target_classes=3, n_queries=200, batch_size=16, unroll=1)
+    res = aa.autoattack(
+        f,
+        x,
+        y,
+        key,
+        eps=eps,
+        norm="linf",
+        num_classes=4,
+        n_iter=20,
+        n_target_classes=3,
+        n_queries=200,
+        batch_size=16,
+        unroll=1,
+    )
     assert res.clean_accuracy == pytest.approx(clean)
     assert clean > pgd_acc >= res.robust_accuracy > 0
     assert np.mean(res.stages["apgd-ce"]) <= pgd_acc  # APGD-CE alone matches PGD
@@ -363,9 +403,19 @@ def test_autoattack_batch_is_jittable_and_exact_on_a_linear_model(linear5):
     f = linear_model(w)
     dist = analytic_distance(w, x, y, "l2")
     eps = float(np.median(dist))
-    run = jax.jit(functools.partial(
-        aa.autoattack_batch, f, eps=eps, norm="l2", num_classes=5, n_iter=20,
-        n_target_classes=4, n_queries=100, unroll=1))
+    run = jax.jit(
+        functools.partial(
+            aa.autoattack_batch,
+            f,
+            eps=eps,
+            norm="l2",
+            num_classes=5,
+            n_iter=20,
+            n_target_classes=4,
+            n_queries=100,
+            unroll=1,
+        )
+    )
     res = run(jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
     _check_cascade(res, f, x, y, eps, "l2")
     clear = np.abs(dist / eps - 1) > 0.02
@@ -393,9 +443,19 @@ def test_square_makes_progress_without_gradients_and_the_checks_notice():
         return lin(jax.lax.stop_gradient(xb))
 
     y = np.zeros(n, np.int32)
-    res = aa.autoattack(blind, x, y, jax.random.PRNGKey(0), eps=eps, norm="linf",
-                        num_classes=2, attacks=("apgd-ce", "square"), n_iter=10,
-                        n_queries=300, unroll=1)
+    res = aa.autoattack(
+        blind,
+        x,
+        y,
+        jax.random.PRNGKey(0),
+        eps=eps,
+        norm="linf",
+        num_classes=2,
+        attacks=("apgd-ce", "square"),
+        n_iter=10,
+        n_queries=300,
+        unroll=1,
+    )
     assert res.clean_accuracy == 1.0
     assert np.mean(res.stages["apgd-ce"]) == 1.0  # zero gradients: no progress
     assert np.mean(res.stages["square"]) <= 0.25  # Square still fools most points
@@ -427,10 +487,12 @@ def test_sanity_checks_fire_on_softmax_and_randomised_models(linear5):
     assert any("target classes" in m for m in few)
 
     # A result claiming more robust than clean points (e.g. evaluated on another model).
-    fake = aa.AutoAttackResult(x, np.ones(16, bool), np.ones(16, bool),
-                               {"apgd-ce": np.ones(16, bool)}, 0.0)
-    wrong = aa.sanity_checks(lambda xb: -f(xb), x, y, result=fake, n_target_classes=4,
-                             robust_accuracy=0.9)
+    fake = aa.AutoAttackResult(
+        x, np.ones(16, bool), np.ones(16, bool), {"apgd-ce": np.ones(16, bool)}, 0.0
+    )
+    wrong = aa.sanity_checks(
+        lambda xb: -f(xb), x, y, result=fake, n_target_classes=4, robust_accuracy=0.9
+    )
     assert sum("below" in m for m in wrong) == 2
 
 
