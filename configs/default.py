@@ -15,9 +15,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.mode = "sgd"  # sgd | sam | at | sam_at
 
-    # Data: digits (offline) or a tfds dataset (cifar10, cifar100, svhn_cropped).
+    # Data: digits (offline), image_folder (data_dir = a folder or .tar/.tar.gz holding
+    # train/<class>/* and test/<class>/*), or cifar10 / cifar100 / svhn_cropped (tfds when
+    # prepared in data_dir; cifar10/100 also from torchvision's files in data_dir).
     config.dataset = "cifar10"
-    config.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
+    config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.cache_dir = ml_collections.config_dict.placeholder(str)  # decoded image folders
+    config.train_examples = -1  # a fixed class-stratified train subset (-1 = all)
+    config.val_examples = 0  # held out from train, stratified, for validation (0 = none)
     config.crop_padding = 4  # reflect-pad then random crop (0 disables)
     config.flip = True  # random horizontal flip
 
@@ -46,6 +51,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attack.eps = 8 / 255
     config.attack.step_size = 2 / 255
     config.attack.steps = 5
+
+    # Evaluation during training: every N epochs (0 = off) clean and PGD accuracy on the
+    # validation split (the test split when val_examples = 0); keeps the best checkpoint by
+    # robust accuracy. val_attack fields left None take the run's own AT budget in at/sam_at
+    # modes, else Linf 2/255, step 0.5/255, PGD-10.
+    config.eval_every_epochs = 0
+    config.val_attack = ml_collections.ConfigDict()
+    config.val_attack.norm = ml_collections.config_dict.placeholder(str)
+    config.val_attack.eps = ml_collections.config_dict.placeholder(float)
+    config.val_attack.step_size = ml_collections.config_dict.placeholder(float)
+    config.val_attack.steps = ml_collections.config_dict.placeholder(int)
 
     # Final evaluation (the paper's PGD-10 suite); -1 = the whole test split.
     config.eval_batch_size = 256

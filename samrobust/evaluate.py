@@ -34,7 +34,9 @@ Command line (a training run of ``samrobust.main``)::
   python -m samrobust.evaluate --workdir=DIR [--suite=paper|autoattack|full]
       [--eps=8/255] [--norm=linf|l2] [--num_examples=N] [--batch_size=N]
 
-loads the latest checkpoint in ``DIR/checkpoints`` (the model from ``DIR/config.json``),
+loads the latest checkpoint in ``DIR/checkpoints`` (``--checkpoint=best``: the best one by
+validation robust accuracy, in ``DIR/checkpoints_best``; ``--checkpoint=STEP``: that step;
+reports then end in ``_best`` / ``_step<STEP>``) with the model from ``DIR/config.json``,
 evaluates the first ``N`` test examples (default: all) and writes ``DIR/eval_<suite>.json``
 (accuracies, images/s, budgets, AutoAttack details, warnings, the run), the table
 ``DIR/eval_<suite>.md`` and the per-example masks ``DIR/eval_<suite>_masks.npz`` (keyed
@@ -72,7 +74,7 @@ from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, input_pipeline, models
 from samrobust import autoattack as aa
-from samrobust.checkpoint import CheckpointError, read_state
+from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
 
 AXIS = "batch"
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -639,21 +641,43 @@ class Run:
     dataset: input_pipeline.Dataset
 
 
-def _restore_latest(workdir: str, mesh: Mesh) -> tuple[int, dict[str, Any]]:
-    """(step, ``{"params", "batch_stats"}``) of the latest checkpoint, replicated on ``mesh``."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    missing = EvaluationError(
-        f"No checkpoint in {directory}: the run has not saved one yet. Train (or resume) it "
-        f"until it saves one, e.g. python -m samrobust.main --config=configs/sam.py:digits "
-        f"--workdir={workdir} (checkpoints every --config.checkpoint_every_steps steps and at "
-        "the end)."
-    )
+def parse_checkpoint(text: str) -> str | int:
+    """``best``, ``latest`` or a step number, as ``--checkpoint`` takes it."""
+    if text in ("best", "latest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"{text!r} is not best, latest or a step number (e.g. --checkpoint=best)")
+
+
+def _restore(workdir: str, mesh: Mesh, checkpoint: str | int) -> tuple[int, dict[str, Any]]:
+    """(step, ``{"params", "batch_stats"}``) of checkpoint ``best``, ``latest`` or a step,
+    replicated on ``mesh``."""
+    kind = "best" if checkpoint == "best" else "latest"
+    directory = checkpoint_dir(workdir, kind)
+    if kind == "best":
+        missing = EvaluationError(
+            f"No best checkpoint in {directory}: the run did not evaluate during training. "
+            "Train with --config.eval_every_epochs=N (and --config.val_examples=M), or pass "
+            "--checkpoint=latest."
+        )
+    else:
+        missing = EvaluationError(
+            f"No checkpoint in {directory}: the run has not saved one yet. Train (or resume) "
+            f"it until it saves one, e.g. python -m samrobust.main "
+            f"--config=configs/sam.py:digits --workdir={workdir} (checkpoints every "
+            "--config.checkpoint_every_steps steps and at the end)."
+        )
+    step = checkpoint if isinstance(checkpoint, int) else None
     try:
-        found = read_state(workdir, NamedSharding(mesh, P()))
+        found = read_state(workdir, NamedSharding(mesh, P()), step, kind)
+    except FileNotFoundError as e:
+        raise EvaluationError(f"--checkpoint={checkpoint}: {e}") from e
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(
-            f"The latest checkpoint in {directory} is unreadable ({type(e).__name__}: {e}). "
-            "Delete that step's directory to evaluate the previous checkpoint, or train again."
+            f"The {checkpoint} checkpoint in {directory} is unreadable ({type(e).__name__}: "
+            f"{e}). Delete that step's directory to evaluate the previous checkpoint, or "
+            "train again."
         ) from e
     if found is None:
         raise missing
@@ -661,9 +685,16 @@ def _restore_latest(workdir: str, mesh: Mesh) -> tuple[int, dict[str, Any]]:
     return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
-def load_run(workdir: str, *, data_dir: str | None = None, mesh: Mesh | None = None) -> Run:
-    """The latest checkpoint of the ``samrobust.main`` run in ``workdir``, its model (from
-    ``workdir/config.json``) and its dataset (``data_dir`` overrides the run's)."""
+def load_run(
+    workdir: str,
+    *,
+    data_dir: str | None = None,
+    mesh: Mesh | None = None,
+    checkpoint: str | int = "latest",
+) -> Run:
+    """A checkpoint (``best``, ``latest`` or a step) of the ``samrobust.main`` run in
+    ``workdir``, its model (from ``workdir/config.json``) and its dataset (``data_dir``
+    overrides the run's)."""
     if not os.path.isdir(workdir):
         raise EvaluationError(
             f"--workdir={workdir} does not exist. Pass the --workdir of a training run, or "
@@ -678,8 +709,10 @@ def load_run(workdir: str, *, data_dir: str | None = None, mesh: Mesh | None = N
         )
     with open(config_path) as f:
         config = json.load(f)
-    step, variables = _restore_latest(workdir, mesh or default_mesh())
-    ds = input_pipeline.load(config["dataset"], data_dir or config.get("data_dir"))
+    step, variables = _restore(workdir, mesh or default_mesh(), checkpoint)
+    ds = input_pipeline.load(
+        config["dataset"], data_dir or config.get("data_dir"), cache_dir=config.get("cache_dir")
+    )
     model = models.create_model(
         config["model"],
         ds.num_classes,
@@ -741,9 +774,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str, report: dict[str, Any]) -> list[str]:
-    """Writes ``eval_<suite>.json``, ``.md`` and ``_masks.npz`` to ``workdir``; their paths."""
-    stem = os.path.join(workdir, f"eval_{report['suite']}")
+def report_stem(suite: str, checkpoint: str | int = "latest") -> str:
+    """``eval_<suite>`` for the latest checkpoint, ``eval_<suite>_best`` for the best one,
+    ``eval_<suite>_step<N>`` for step N."""
+    if checkpoint == "latest":
+        return f"eval_{suite}"
+    return (
+        f"eval_{suite}_{checkpoint}" if checkpoint == "best" else f"eval_{suite}_step{checkpoint}"
+    )
+
+
+def write_report(
+    workdir: str, report: dict[str, Any], checkpoint: str | int = "latest"
+) -> list[str]:
+    """Writes ``<stem>.json``, ``.md`` and ``_masks.npz`` to ``workdir`` (:func:`report_stem`);
+    their paths."""
+    stem = os.path.join(workdir, report_stem(report["suite"], checkpoint))
     paths = [f"{stem}.json", f"{stem}.md", f"{stem}_masks.npz"]
     with open(paths[0], "w") as f:
         json.dump({k: v for k, v in report.items() if k != "masks"}, f, indent=2)
@@ -758,6 +804,12 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training run directory (of samrobust.main).")
+    flags.DEFINE_string(
+        "checkpoint",
+        "latest",
+        "Which checkpoint: latest, best (by validation robust accuracy; runs with "
+        "--config.eval_every_epochs) or a step number.",
+    )
     flags.DEFINE_enum("suite", "paper", SUITES, "Evaluation suite.")
     flags.DEFINE_string(
         "eps", None, "AutoAttack radius, e.g. 8/255 or 0.5 (default: Linf 8/255, L2 0.5)."
@@ -796,6 +848,10 @@ def main(argv: Sequence[str]) -> None:
         eps = None if FLAGS.eps is None else parse_eps(FLAGS.eps)
     except ValueError as e:
         raise app.UsageError(f"--eps: {e}") from None
+    try:
+        checkpoint = parse_checkpoint(FLAGS.checkpoint)
+    except ValueError as e:
+        raise app.UsageError(f"--checkpoint: {e}") from None
     if FLAGS.num_examples == 0 or FLAGS.num_examples < -1:
         raise app.UsageError("--num_examples must be positive, or -1 for the whole test split")
     logging.get_absl_handler().addFilter(  # orbax's INFO chatter
@@ -804,7 +860,7 @@ def main(argv: Sequence[str]) -> None:
     set_cpu_devices(FLAGS.cpu_devices)
     mesh = default_mesh()
     try:
-        run = load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh)
+        run = load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint)
     except (EvaluationError, CheckpointError, input_pipeline.DatasetUnavailableError) as e:
         raise SystemExit(f"error: {e}") from None
     config, ds = run.config, run.dataset
@@ -861,13 +917,14 @@ def main(argv: Sequence[str]) -> None:
     report["run"] = {
         "workdir": os.path.abspath(run.workdir),
         "step": run.step,
+        "checkpoint": FLAGS.checkpoint,
         "mode": config["mode"],
         "dataset": ds.name,
         "model": config["model"],
         "width": config["width"],
     }
     if jax.process_index() == 0:
-        for path in write_report(run.workdir, report):
+        for path in write_report(run.workdir, report, checkpoint):
             logging.info("wrote %s", path)
     logging.info("accuracy: %s", json.dumps(report["accuracy"]))
 

@@ -7,11 +7,14 @@ coordinator), JAX's distributed runtime is initialised first; every process runs
 command.
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from samrobust import evaluate, train
+from samrobust import evaluate, input_pipeline, train
+from samrobust.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -49,7 +52,11 @@ def main(argv):
         jax.process_index(),
         jax.process_count(),
     )
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (train.ConfigError, input_pipeline.DatasetUnavailableError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, evaluate, input_pipeline, models
-from samrobust.checkpoint import Checkpointer
+from samrobust.checkpoint import BEST_METRIC, Checkpointer
 from samrobust.metrics import MetricWriter
 from samrobust.sam import sam
 
@@ -118,6 +118,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         )
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(config[key] > 0, key, "must be > 0", "100")
+    check(
+        config.train_examples == -1 or config.train_examples > 0,
+        "train_examples",
+        "must be -1 (all) or > 0",
+        "10000",
+    )
+    check(config.val_examples >= 0, "val_examples", "must be >= 0 (0 = none)", "1000")
+    check(config.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0 (0 = off)", "5")
+    v = config.val_attack
+    check(
+        v.norm is None or v.norm in attacks.NORMS,
+        "val_attack.norm",
+        f"must be one of {attacks.NORMS}",
+        "linf",
+    )
+    for key, example in (("eps", "0.0078"), ("step_size", "0.002"), ("steps", "10")):
+        check(v[key] is None or v[key] >= 0, f"val_attack.{key}", "must be >= 0", example)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -147,6 +164,23 @@ def create_optimizer(
         optax.sgd(learning_rate_schedule(config, total_steps), momentum=config.momentum),
     ]
     return optax.chain(*parts)
+
+
+def validation_spec(config: ml_collections.ConfigDict) -> evaluate.PGDSpec:
+    """The PGD budget of evaluation during training: ``config.val_attack``'s fields where
+    set, else the run's AT budget (at/sam_at) or Linf 2/255, step 0.5/255, PGD-10."""
+    if uses_attack(config.mode):
+        a = config.attack
+        default = evaluate.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
+    else:
+        default = evaluate.PGDSpec("linf", 2 / 255, 0.5 / 255, 10)
+    v = config.val_attack
+    return evaluate.PGDSpec(
+        v.norm if v.norm is not None else default.norm,
+        v.eps if v.eps is not None else default.eps,
+        v.step_size if v.step_size is not None else default.step_size,
+        v.steps if v.steps is not None else default.steps,
+    )
 
 
 def step_options(config: ml_collections.ConfigDict) -> StepOptions:
@@ -263,6 +297,98 @@ def create_train_state(
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
 
 
+class Validator:
+    """Evaluation during training: clean and PGD accuracy on the validation split (the test
+    split when there is none) and the best checkpoint by robust accuracy."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        ds: input_pipeline.Dataset,
+        apply_fn: Any,
+        mesh: Mesh,
+        key: jax.Array,
+        workdir: str,
+        config_dict: dict,
+    ):
+        self.split = "val" if ds.num_val else "test"
+        self.images, self.labels = (
+            (ds.val_images, ds.val_labels) if ds.num_val else (ds.test_images, ds.test_labels)
+        )
+        if not ds.num_val:
+            logging.warning(
+                "validating on the TEST split (config.val_examples = 0): the best checkpoint "
+                "is then chosen on test data. Hold out a validation split with e.g. "
+                "--config.val_examples=1000"
+            )
+        self.spec = validation_spec(config)
+        self.every_epochs = config.eval_every_epochs
+        self.batch_size = config.eval_batch_size
+        self.mesh, self.key = mesh, key
+        logits_fn = evaluate.model_logits_fn(apply_fn)
+        self.fns = {
+            "clean": evaluate.make_correct_fn(logits_fn, None, mesh),
+            "robust": evaluate.make_correct_fn(logits_fn, self.spec, mesh),
+        }
+        self.checkpointer = Checkpointer(workdir, config_dict, every_steps=1, keep=1, best=True)
+
+    def __call__(self, step: int, state: TrainState, writer: MetricWriter) -> float:
+        """Evaluates ``state``, logs ``val/clean`` and ``val/robust``, offers it as the best
+        checkpoint; returns the seconds it took."""
+        start = time.perf_counter()
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        accuracy = {
+            name: float(
+                evaluate.correctness(
+                    fn,
+                    variables,
+                    self.images,
+                    self.labels,
+                    self.key,
+                    batch_size=self.batch_size,
+                    mesh=self.mesh,
+                ).mean()
+            )
+            for name, fn in self.fns.items()
+        }
+        writer.write(step, {f"val/{k}": v for k, v in accuracy.items()}, split=self.split)
+        if step not in self.checkpointer.all_steps():  # a resumed run may have saved it
+            self.checkpointer.save(
+                step,
+                state,
+                force=True,
+                metrics={BEST_METRIC: accuracy["robust"], "val_clean": accuracy["clean"]},
+            )
+        seconds = time.perf_counter() - start
+        logging.info(
+            "validation at step %d on %d %s images: clean %.4f, %s %.4f (%.0f s)",
+            step,
+            len(self.labels),
+            self.split,
+            accuracy["clean"],
+            self.spec.name,
+            accuracy["robust"],
+            seconds,
+        )
+        return seconds
+
+    def best(self) -> tuple[int, dict[str, float]]:
+        """The best step and its validation accuracies (``clean``, ``robust``)."""
+        self.checkpointer.manager.wait_until_finished()
+        step = self.checkpointer.best_step()
+        metrics = self.checkpointer.manager.metrics(step)
+        return step, {"clean": metrics["val_clean"], "robust": metrics[BEST_METRIC]}
+
+    def describe(self) -> dict[str, Any]:
+        """What the validation was: split, size, attack, frequency."""
+        return {
+            "split": self.split,
+            "examples": len(self.labels),
+            "every_epochs": self.every_epochs,
+            "attack": dataclasses.asdict(self.spec) | {"name": self.spec.name},
+        }
+
+
 def _format_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -275,7 +401,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ConfigError(
             f"config.batch_size must divide by the process count {jax.process_count()}"
         )
-    ds = input_pipeline.load(config.dataset, config.data_dir)
+    try:
+        ds = input_pipeline.load(
+            config.dataset,
+            config.data_dir,
+            train_examples=config.train_examples,
+            val_examples=config.val_examples,
+            cache_dir=config.cache_dir,
+        )
+    except ValueError as e:  # train/val sizes that do not fit the dataset
+        raise ConfigError(str(e)) from e
     steps_per_epoch = len(ds.train_images) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -330,6 +465,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     writer = MetricWriter(workdir, enabled=is_chief)
+    validator, eval_every = None, config.eval_every_epochs * steps_per_epoch
+    if eval_every:
+        validator = Validator(config, ds, model.apply, mesh, eval_key, workdir, config_dict)
     step_fn = make_train_step(model.apply, tx, step_options(config), mesh)
     lr_fn = learning_rate_schedule(config, total_steps)
     batches = input_pipeline.prefetch(
@@ -401,6 +539,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     "timed_steps": earlier["timed_steps"] + timed_steps,
                 },
             )
+        if validator is not None and (step % eval_every == 0 or step == total_steps):
+            jax.block_until_ready(state)
+            seconds = validator(step, state, writer)
+            if t_last is not None:  # evaluation is not training time
+                t_last += seconds
     ckpt.close()
     if jax.process_count() > 1:  # every process must hold the same replica
         multihost_utils.assert_equal(
@@ -409,16 +552,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
 
     n_eval = config.eval_num_examples if config.eval_num_examples > 0 else len(ds.test_images)
-    report = evaluate.pgd_suite(
-        evaluate.model_logits_fn(model.apply),
-        {"params": state.params, "batch_stats": state.batch_stats},
-        ds.test_images[:n_eval],
-        ds.test_labels[:n_eval],
-        specs=[dataclasses.replace(s, steps=config.eval_pgd_steps) for s in evaluate.PAPER_SUITE],
-        batch_size=config.eval_batch_size,
-        seed=config.seed,
-        mesh=mesh,
-    )
+
+    def test_suite(state: TrainState) -> dict[str, Any]:
+        return evaluate.pgd_suite(
+            evaluate.model_logits_fn(model.apply),
+            {"params": state.params, "batch_stats": state.batch_stats},
+            ds.test_images[:n_eval],
+            ds.test_labels[:n_eval],
+            specs=[
+                dataclasses.replace(s, steps=config.eval_pgd_steps) for s in evaluate.PAPER_SUITE
+            ],
+            batch_size=config.eval_batch_size,
+            seed=config.seed,
+            mesh=mesh,
+        )
+
+    report = test_suite(state)
     # Over every segment of the run; the first step of each (compilation) is not timed.
     all_seconds = earlier["train_seconds"] + timed_seconds
     all_steps = earlier["timed_steps"] + timed_steps
@@ -428,10 +577,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "total_steps": int(state.step),
         "train_images_per_s": all_steps * config.batch_size / all_seconds if all_steps else None,
         "train_seconds": all_seconds,
+        "train_examples": len(ds.train_labels),
+        "val_examples": ds.num_val,
         "test_examples": n_eval,
         "accuracy": report["accuracy"],
         "eval_images_per_s": report["images_per_s"],
     }
+    if validator is not None:
+        best_step, best_val = validator.best()
+        logging.info("best checkpoint: step %d (validation %s)", best_step, best_val)
+        if best_step == int(state.step):
+            best_accuracy = report["accuracy"]
+        else:
+            best_state, _ = validator.checkpointer.restore(state, step=best_step)
+            best_accuracy = test_suite(best_state)["accuracy"]
+        validator.checkpointer.close()
+        results["validation"] = validator.describe()
+        results["best"] = {"step": best_step, "val": best_val, "accuracy": best_accuracy}
     writer.write(int(state.step), {f"eval/{k}": v for k, v in report["accuracy"].items()})
     writer.close()
     if is_chief:
