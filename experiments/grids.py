@@ -11,6 +11,9 @@ Every grid holds the methods of the paper (Wei, Zhu & Zhang 2023; ``../shared/PA
 - L2 AT, eps in {16, 32, 64, 128}/255, step eps/2, 5 PGD steps.
 - SAM+AT: rho 0.05 with the default attack (Linf 8/255, step 2/255, 5 steps).
 
+``cifar10_cpu`` is the CIFAR-10 reproduction sized for two CPU cores (the JPEG copy in
+``../shared/data``; its scale is explained at ``CIFAR10_CPU_SCALE``): SGD, SAM rho in
+{0.05, 0.1, 0.2, 0.4}, Linf AT at 2/255 and 8/255, L2 AT at 32/255, all AT with PGD-5.
 ``paper_cifar10`` and ``paper_cifar100`` are the paper's recipe as is (``configs/<mode>.py``:
 PreActResNet-18, 100 epochs, batch 128), for GPU/TPU machines. ``digits`` runs the same
 methods with the same budgets on the offline 8x8 digits dataset (``configs/<mode>.py:digits``)
@@ -19,7 +22,10 @@ CPU cores; its scaling is explained at ``DIGITS_SCALE``. ``smoke`` is two tiny r
 """
 
 import dataclasses
+import os
 from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,49 @@ L2_AT = ((16, 8, 5), (32, 16, 5), (64, 32, 5), (128, 64, 5))
 # images (an L2 ball of radius 128/255 is a larger per-pixel change on 64 pixels than on
 # 3072), and digits' pixels come in steps of 1/16 = 16/255.
 DIGITS_SCALE = (("width", 8), ("num_epochs", 20))
+
+# cifar10_cpu: the paper's recipe (batch 128, lr 0.1, momentum 0.9, weight decay 5e-4, the
+# piecewise schedule x0.1 at 75% and 90%, reflect-pad-4 crop + flip, PGD-10 paper suite on
+# all 10,000 test images) on the CIFAR-10 JPEG copy, scaled in compute only: PreActResNet-18
+# at width 8 (1/8 of the paper's channels), a fixed class-stratified subset of 20,000 train
+# images (2,000 per class), 8 epochs (1,248 steps), one CPU device. Measured on the 2 shared
+# cores (experiments/results/cifar10_cpu/SIZING.md): train step at batch 128 SGD 713 img/s,
+# SAM 415, PGD-5 AT 184; PGD-10 evaluation ~137 img/s, i.e. ~5 min per run for the paper
+# suite. Training ~73 min + evaluation ~40 min + start-up: about 2 hours per seed.
+CIFAR10_DATA = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+CIFAR10_CPU_SCALE = (
+    ("dataset", "image_folder"),
+    ("data_dir", os.path.normpath(CIFAR10_DATA)),
+    ("width", 8),
+    ("train_examples", 20000),
+    ("num_epochs", 8),
+    ("log_every_steps", 52),
+    ("checkpoint_every_steps", 208),
+    ("keep_checkpoints", 1),
+)
+
+
+def cifar10_cpu_methods() -> list[RunSpec]:
+    """SGD; SAM rho 0.05-0.4; Linf AT 2/255 (step 1/255) and 8/255 (step 2/255); L2 AT 32/255
+    (step 16/255); every AT with PGD-5."""
+
+    def run(name: str, mode: str, *overrides: tuple[str, Any]) -> RunSpec:
+        return RunSpec(name, mode, (*CIFAR10_CPU_SCALE, *overrides))
+
+    def at(norm: str, eps: int, step: int) -> RunSpec:
+        return run(
+            f"at_{norm}_eps{eps}",
+            "at",
+            ("attack.norm", norm),
+            ("attack.eps", eps / 255),
+            ("attack.step_size", step / 255),
+            ("attack.steps", 5),
+        )
+
+    runs = [run("sgd", "sgd")]
+    runs += [run(f"sam_rho{rho:g}", "sam", ("rho", rho)) for rho in (0.05, 0.1, 0.2, 0.4)]
+    return runs + [at("linf", 2, 1), at("linf", 8, 2), at("l2", 32, 16)]
+
 
 # smoke: a few steps of a width-4 network (tests.helpers.TINY), for the sweep's own tests.
 SMOKE_SCALE = (
@@ -110,6 +159,7 @@ GRIDS: dict[str, list[RunSpec]] = {
     "paper_cifar10": paper_methods((("dataset", "cifar10"),)),
     "paper_cifar100": paper_methods((("dataset", "cifar100"),)),
     "digits": paper_methods(DIGITS_SCALE, "digits"),
+    "cifar10_cpu": cifar10_cpu_methods(),
     "smoke": [
         RunSpec("sgd", "sgd", SMOKE_SCALE, "digits"),
         RunSpec("sam_rho0.05", "sam", (*SMOKE_SCALE, ("rho", 0.05)), "digits"),

@@ -7,7 +7,7 @@ logging, checkpointing and evaluation settings may change between resumptions.
 
 A run keeps two kinds: the latest ``keep_checkpoints`` in ``WORKDIR/checkpoints`` and, when
 it evaluates during training, the best one by validation robust accuracy in
-``WORKDIR/checkpoints_best`` (orbax's ``best_fn``; ties keep the earlier step).
+``WORKDIR/checkpoints_best`` (orbax's ``best_fn``; a tie goes to the later step).
 """
 
 import os

@@ -169,3 +169,57 @@ def test_two_processes_match_one_process(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     assert read_results(multi)["total_steps"] == read_results(single)["total_steps"]
+
+
+def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
+    """eval_every_epochs on a held-out split: val/* metrics, the best checkpoint by robust
+    accuracy, results.json's "best", and evaluate --checkpoint=best reading it."""
+    from samrobust.checkpoint import checkpoint_dir
+
+    workdir = str(tmp_path / "val")
+    overrides = [o for o in TINY if "num_epochs" not in o]
+    run_main(
+        "configs/sgd.py:digits",
+        workdir,
+        *overrides,
+        "--config.num_epochs=3",
+        "--config.val_examples=200",
+        "--config.eval_every_epochs=1",
+        "--config.val_attack.steps=2",
+    )
+    results = read_results(workdir)
+    assert results["val_examples"] == 200 and results["train_examples"] == 1438 - 200
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    val = {x["step"]: x for x in lines if "val/robust" in x}
+    steps_per_epoch = (1438 - 200) // 64
+    assert sorted(val) == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
+    assert all(x["split"] == "val" and 0 <= x["val/clean"] <= 1 for x in val.values())
+    best = max(sorted(val), key=lambda s: (val[s]["val/robust"], s))  # ties: the later step
+    assert results["best"]["step"] == best
+    assert results["best"]["val"]["robust"] == val[best]["val/robust"]
+    assert set(results["best"]["accuracy"]) == set(results["accuracy"])
+    assert results["validation"]["split"] == "val"
+    assert results["validation"]["attack"]["name"] == "pgd2_ce_linf_2/255"
+    assert os.listdir(checkpoint_dir(workdir, "best")) == [str(best)]
+    assert int(load_checkpoint(workdir)["step"]) == 3 * steps_per_epoch  # latest = final
+
+    proc = subprocess.run(
+        [
+            main_command("configs/sgd.py:digits", workdir)[0],
+            "-m",
+            "samrobust.evaluate",
+            f"--workdir={workdir}",
+            "--checkpoint=best",
+            "--num_examples=32",
+            "--batch_size=32",
+        ],
+        cwd=REPO,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "eval_paper_best.json")) as f:
+        report = json.load(f)
+    assert report["run"]["step"] == best and report["run"]["checkpoint"] == "best"

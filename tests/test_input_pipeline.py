@@ -1,0 +1,242 @@
+"""Data sources: image folders (and tar archives of them) with their cache, torchvision's
+CIFAR files, and the stratified train/validation subsets."""
+
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samrobust import input_pipeline
+from tests.helpers import REPO, subprocess_env
+
+CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
+
+
+def image(seed: int, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def seed_of(split: str, c: int, i: int) -> int:
+    return 1000 * (split == "test") + 100 * c + i
+
+
+def write_folder(root, per_class=(6, 2), size: int = 8) -> dict:
+    """A tiny image folder, PNG for even and JPEG for odd files; returns the PNG pixels by
+    (split, class, index)."""
+    pixels = {}
+    for split, n in zip(("train", "test"), per_class, strict=True):
+        for c, cls in enumerate(CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                array = image(seed_of(split, c, i), size)
+                if i % 2 == 0:
+                    Image.fromarray(array).save(folder / f"{i:03d}.png")
+                    pixels[split, cls, i] = array
+                else:
+                    Image.fromarray(array).save(folder / f"{i:03d}.jpg", quality=95)
+    return pixels
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    return root, write_folder(root)
+
+
+def load(root, tmp_path, **kw) -> input_pipeline.Dataset:
+    return input_pipeline.load("image_folder", str(root), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_image_folder_labels_pixels_and_statistics(folder, tmp_path):
+    root, pixels = folder
+    ds = load(root, tmp_path)
+    assert ds.train_images.shape == (18, 8, 8, 3) and ds.test_images.shape == (6, 8, 8, 3)
+    assert ds.train_images.dtype == np.float32 and ds.num_classes == 3
+    # Class index = position of the folder name in sorted order; files in sorted order.
+    np.testing.assert_array_equal(ds.train_labels, np.repeat([0, 1, 2], 6))
+    np.testing.assert_array_equal(ds.test_labels, np.repeat([0, 1, 2], 2))
+    # PNG is lossless: the exact pixels, scaled to [0, 1].
+    np.testing.assert_array_equal(np.round(ds.train_images[6 + 2] * 255), pixels["train", "cat", 2])
+    np.testing.assert_array_equal(np.round(ds.test_images[4] * 255), pixels["test", "dog", 0])
+    # JPEG is lossy (and random pixels its worst case) but keeps each block's mean colour.
+    written = image(seed_of("train", 1, 1)).astype(np.float32)
+    assert np.abs(ds.train_images[1].mean((0, 1)) * 255 - written.mean((0, 1))).max() < 4
+    train = ds.train_images.astype(np.float64)
+    np.testing.assert_allclose(ds.mean, train.mean(axis=(0, 1, 2)), atol=1e-6)
+    np.testing.assert_allclose(ds.std, train.std(axis=(0, 1, 2)), atol=1e-6)
+
+
+def test_tar_gz_archive_equals_the_folder(folder, tmp_path):
+    root, _ = folder
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+        tar.add(root / "test", arcname="test")
+    a, b = load(root, tmp_path), load(archive, tmp_path)
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.mean == b.mean and a.num_classes == b.num_classes
+
+
+def test_cache_is_used_then_invalidated_by_a_change(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    first = load(root, tmp_path)
+    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 1
+    real_decode = input_pipeline._decode_folder
+
+    def no_decode(path):
+        raise AssertionError(f"decoded {path} again instead of using the cache")
+
+    monkeypatch.setattr(input_pipeline, "_decode_folder", no_decode)
+    cached = load(root, tmp_path)
+    np.testing.assert_array_equal(cached.train_images, first.train_images)
+
+    Image.fromarray(image(99)).save(root / "train" / "dog" / "999.png")  # a change
+    with pytest.raises(AssertionError, match="decoded"):
+        load(root, tmp_path)
+    monkeypatch.setattr(input_pipeline, "_decode_folder", real_decode)
+    changed = load(root, tmp_path)
+    assert len(changed.train_labels) == 19
+    np.testing.assert_array_equal(np.round(changed.train_images[-1] * 255), image(99))
+
+
+def break_layout(root, case: str) -> str:
+    """Damages a folder as ``case`` says; returns a text the error must contain."""
+    if case == "no_train":
+        os.rename(root / "train", root / "training")
+        return "no train/ folder"
+    if case == "no_test":
+        os.rename(root / "test", root / "testing")
+        return "no test/ folder"
+    if case == "empty_test":
+        for f in (root / "test").rglob("*.*"):
+            f.unlink()
+        return "no images in test/"
+    if case == "sizes":
+        Image.fromarray(image(5, size=9)).save(root / "train" / "cat" / "100.png")
+        return f"{root / 'train' / 'cat' / '100.png'} is 9x9"
+    if case == "unreadable":
+        (root / "test" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
+        return f"cannot decode image {root / 'test' / 'dog' / 'bad.jpg'}"
+    if case == "class_missing":
+        (root / "test" / "horse").mkdir()
+        Image.fromarray(image(6)).save(root / "test" / "horse" / "0.png")
+        return "test classes ['horse'] have no folder in train/"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["no_train", "no_test", "empty_test", "sizes", "unreadable", "class_missing"]
+)
+def test_bad_folders_fail_naming_the_path(folder, tmp_path, case):
+    root, _ = folder
+    expected = break_layout(root, case)
+    with pytest.raises(input_pipeline.DatasetUnavailableError) as e:
+        load(root, tmp_path)
+    assert expected in str(e.value)
+    assert not list((tmp_path / "cache").glob("*.npz"))  # nothing half-made is cached
+
+
+def test_bad_folder_through_the_cli_is_one_line(folder, tmp_path):
+    root, _ = folder
+    expected = break_layout(root, "unreadable")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "samrobust.main",
+            "--config=configs/sgd.py:digits",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.dataset=image_folder",
+            f"--config.data_dir={root}",
+            f"--config.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=REPO,
+        env=subprocess_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last
+    assert "Traceback" not in proc.stderr
+
+
+def write_torchvision_cifar(root, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's pickled CIFAR batches (bytes keys, ``data`` N x 3072 uint8 in CHW order);
+    returns the train images (NHWC) and labels written."""
+    folder, train_files, test_files, label_key = input_pipeline.TORCHVISION_CIFAR[name]
+    (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    num_classes = 10 if name == "cifar10" else 100
+    all_images, all_labels = [], []
+    for i, file in enumerate((*train_files, *test_files)):
+        chw = rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, num_classes, 4)]
+        entry = {b"batch_label": b"batch", b"data": chw.reshape(4, 3072), b"filenames": []}
+        entry[label_key] = labels
+        if name == "cifar100":
+            entry[b"coarse_labels"] = [x // 5 for x in labels]
+        with open(root / folder / file, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        if i < len(train_files):
+            all_images.append(chw.transpose(0, 2, 3, 1))
+            all_labels += labels
+    return np.concatenate(all_images), np.array(all_labels)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_torchvision_cifar_files_load_with_their_labels(tmp_path, name):
+    images, labels = write_torchvision_cifar(tmp_path, name)
+    ds = input_pipeline.load(name, str(tmp_path))
+    assert "tensorflow" not in sys.modules  # read without tfds
+    np.testing.assert_array_equal(ds.train_labels, labels)
+    np.testing.assert_array_equal(np.round(ds.train_images * 255), images)
+    assert ds.test_images.shape == (4, 32, 32, 3)
+    assert ds.num_classes == (10 if name == "cifar10" else 100)
+    assert ds.mean == input_pipeline.TFDS_DATASETS[name][1]
+
+
+def indexed_dataset(n_per_class=(50, 30, 20)) -> input_pipeline.Dataset:
+    """Labels in shuffled order; every image holds its own index as its one pixel."""
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)])
+    labels = np.random.default_rng(1).permutation(labels).astype(np.int32)
+    images = np.arange(len(labels), dtype=np.float32).reshape(-1, 1, 1, 1)
+    return input_pipeline.Dataset(
+        "indexed", images, labels, images[:5], labels[:5], len(n_per_class), (0.0,), (1.0,)
+    )
+
+
+def test_train_and_val_subsets_are_stratified_disjoint_and_fixed():
+    ds = indexed_dataset()
+    a = input_pipeline.split_train(ds, train_examples=40, val_examples=20)
+    b = input_pipeline.split_train(ds, train_examples=40, val_examples=20)
+    np.testing.assert_array_equal(a.train_images, b.train_images)
+    np.testing.assert_array_equal(a.val_images, b.val_images)
+    train_ids = a.train_images.ravel().astype(int)
+    val_ids = a.val_images.ravel().astype(int)
+    assert len(train_ids) == 40 and len(val_ids) == 20
+    assert not set(train_ids) & set(val_ids)
+    np.testing.assert_array_equal(ds.train_labels[train_ids], a.train_labels)  # labels follow
+    np.testing.assert_array_equal(np.bincount(a.train_labels), [20, 12, 8])  # 50:30:20
+    np.testing.assert_array_equal(np.bincount(a.val_labels), [10, 6, 4])
+    # The validation split does not depend on the train subset's size.
+    c = input_pipeline.split_train(ds, train_examples=-1, val_examples=20)
+    np.testing.assert_array_equal(c.val_images, a.val_images)
+    assert len(c.train_labels) == 80 and set(a.train_images.ravel()) <= set(c.train_images.ravel())
+    assert input_pipeline.split_train(ds) is ds
+
+
+def test_subset_sizes_that_do_not_fit_are_config_errors():
+    ds = indexed_dataset()
+    with pytest.raises(ValueError, match="config.val_examples = 100"):
+        input_pipeline.split_train(ds, val_examples=100)
+    with pytest.raises(ValueError, match=r"config.train_examples = 90: .*\[1, 80\]"):
+        input_pipeline.split_train(ds, train_examples=90, val_examples=20)
