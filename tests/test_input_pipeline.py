@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from samrobust import input_pipeline
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, read_results, run_main, subprocess_env
 
 CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
 
@@ -240,3 +240,47 @@ def test_subset_sizes_that_do_not_fit_are_config_errors():
         input_pipeline.split_train(ds, val_examples=100)
     with pytest.raises(ValueError, match=r"config.train_examples = 90: .*\[1, 80\]"):
         input_pipeline.split_train(ds, train_examples=90, val_examples=20)
+
+
+CIFAR10_JPEG = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+
+
+def extract_slice(archive: str, root, per_class: dict[str, int]) -> None:
+    """The first ``per_class[split]`` images of every class of ``archive`` into ``root``."""
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = member.name.lstrip("./").split("/")
+            if not member.isfile() or len(parts) < 3:
+                continue
+            split, cls, name = parts[-3:]
+            if taken.get((split, cls), 0) < per_class.get(split, 0):
+                taken[split, cls] = taken.get((split, cls), 0) + 1
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                (root / split / cls / name).write_bytes(tar.extractfile(member).read())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CIFAR10_JPEG), reason="../shared/data not beside the repo")
+def test_training_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
+    """1,000 train and 200 test images of the shared CIFAR-10 JPEG copy, width 8, 20 epochs."""
+    root = tmp_path / "cifar10_slice"
+    extract_slice(CIFAR10_JPEG, root, {"train": 100, "test": 20})
+    workdir = str(tmp_path / "run")
+    run_main(
+        "configs/sgd.py",
+        workdir,
+        "--config.dataset=image_folder",
+        f"--config.data_dir={root}",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+        "--config.width=8",
+        "--config.num_epochs=20",
+        "--config.batch_size=64",
+        "--config.eval_batch_size=100",
+        "--config.eval_pgd_steps=1",
+        "--config.log_every_steps=100",
+    )
+    results = read_results(workdir)
+    assert results["dataset"] == "image_folder" and results["train_examples"] == 1000
+    assert results["test_examples"] == 200
+    assert results["accuracy"]["clean"] > 0.25, results["accuracy"]  # chance: 0.10
