@@ -2,6 +2,8 @@
 
   python -m experiments.report --root=/tmp/digits
   python -m experiments.report --root=/tmp/digits --out=/tmp/report --robust_key=pgd10_ce_l2_32/255
+  python -m experiments.report --root=R --robust_key=pgd10_ce_linf_2/255 \
+      --robust_key=autoattack:autoattack_linf_8/255
 
 Reads every ``ROOT/<run>/results.json`` (from ``samrobust.main``), its ``config.json`` and
 any ``eval_<suite>.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``). Runs are
@@ -12,10 +14,13 @@ method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes t
 - ``report.md``: per group, accuracies in % as mean ± sample std over seeds, measured
   training seconds, and the training cost relative to SGD: each run's ``train_seconds``
   over the SGD run with the same seed and the same non-method config, averaged over seeds,
-  next to the nominal cost (SGD 1, SAM 2, PGD-k AT k+1, SAM+AT k+2).
-- ``report.png``: per dataset, (1) clean accuracy against ``--robust_key`` accuracy with
-  error bars: SAM over rho, Linf AT and L2 AT over eps as curves, SAM+AT and SGD as
-  points; (2) the training cost relative to SGD.
+  next to the nominal cost (SGD 1, SAM 2, PGD-k AT k+1, SAM+AT k+2); then the paired
+  comparison with SGD: per method and metric, the difference to the SGD run of the same
+  seed (and the same non-method config), mean ± std over seeds, and in how many seeds the
+  method was higher.
+- ``report.png``: per dataset, clean accuracy against each ``--robust_key`` accuracy
+  (repeatable; keys no run has are skipped) with error bars: SAM over rho, Linf AT and L2
+  AT over eps as curves, SAM+AT and SGD as points; then the training cost relative to SGD.
 - ``report.json``: everything in the table, with the per-seed values.
 
 ``--robust_key`` is any metric in the table, e.g. ``pgd10_ce_l2_32/255`` or
@@ -36,7 +41,14 @@ import numpy as np
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
 # Settings that do not change what a run measures: not part of a group's identity.
 IGNORED_KEYS = frozenset(
-    {"seed", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "data_dir"}
+    {
+        "seed",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "data_dir",
+        "cache_dir",
+    }
 )
 SAM_KEYS = ("rho", "adaptive", "sam_sync")
 ATTACK_KEYS = ("attack.norm", "attack.eps", "attack.step_size", "attack.steps")
@@ -142,6 +154,24 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def paired_differences(
+    runs: Sequence[dict[str, Any]], sgd: dict[int, dict[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """Per metric: the differences run - SGD over the seeds both have (``mean_std``), and
+    ``higher``, the number of those seeds where the run is higher."""
+    out = {}
+    keys = dict.fromkeys(k for r in runs for k in r["metrics"])
+    for k in keys:
+        diffs = [
+            r["metrics"][k] - sgd[s][k]
+            for r in runs
+            if (s := r["config"]["seed"]) in sgd and k in sgd[s] and k in r["metrics"]
+        ]
+        if diffs:
+            out[k] = mean_std(diffs) | {"higher": sum(d > 0 for d in diffs)}
+    return out
+
+
 def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Groups runs that differ only in seed; adds stats, cost vs SGD, labels and order."""
     groups: dict[str, dict[str, Any]] = {}
@@ -152,10 +182,12 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         g["runs"].append(run)
 
     sgd_seconds: dict[str, dict[int, float]] = {}  # base config -> seed -> train seconds
+    sgd_metrics: dict[str, dict[int, dict[str, float]]] = {}  # base -> seed -> metrics
     for g in groups.values():
         if g["method"]["mode"] == "sgd":
             base = json.dumps(g["base"], sort_keys=True)
             sgd_seconds[base] = {r["config"]["seed"]: r["train_seconds"] for r in g["runs"]}
+            sgd_metrics[base] = {r["config"]["seed"]: r["metrics"] for r in g["runs"]}
 
     out = []
     for g in groups.values():
@@ -186,6 +218,9 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "train_seconds": mean_std([r["train_seconds"] for r in timed]) if timed else None,
                 "cost_vs_sgd": mean_std(ratios) if ratios else None,
                 "nominal_cost": nominal_cost(g["method"]),
+                "vs_sgd": paired_differences(
+                    runs_, sgd_metrics.get(json.dumps(g["base"], sort_keys=True), {})
+                ),
             }
         )
     _disambiguate(out)
@@ -253,61 +288,94 @@ def markdown(groups: Sequence[dict[str, Any]], root: str, incomplete: Sequence[s
             f"{format_stat(g['cost_vs_sgd'], digits=2)} [{g['nominal_cost']}]",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    paired = [g for g in groups if g["method"]["mode"] != "sgd" and g["vs_sgd"]]
+    if paired:
+        lines += [
+            "",
+            "## Paired comparison with SGD (same seed)",
+            "",
+            "Difference to the SGD run of the same seed, in accuracy points (mean ± sample std "
+            "over seeds), and in how many of those seeds the method was higher.",
+            "",
+            "| " + " | ".join(["Method", "Dataset", *keys]) + " |",
+            "|" + "---|" * (len(keys) + 2),
+        ]
+        for g in paired:
+            cells = []
+            for k in keys:
+                d = g["vs_sgd"].get(k)
+                cells.append(
+                    "–"
+                    if d is None
+                    else f"{d['mean'] * 100:+.1f}"
+                    + (f" ± {d['std'] * 100:.1f}" if d["n"] > 1 else "")
+                    + f" ({d['higher']}/{d['n']})"
+                )
+            lines.append("| " + " | ".join([g["label"], str(g["dataset"]), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(groups: Sequence[dict[str, Any]], robust_key: str, path: str) -> None:
-    """Per dataset: clean vs robust accuracy (curves over rho / eps), and cost vs SGD."""
+def _plot_tradeoff(ax_acc, here, robust_key: str, dataset: str, colors: dict) -> None:
+    """One clean-vs-robust panel: curves over rho / eps, single methods as points."""
+    bases = list(dict.fromkeys(json.dumps(g["base"], sort_keys=True) for g in here))
+    differing = differing_keys([g["base"] for g in here])
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for g in here:
+        if robust_key in g["metrics"]:
+            base = json.dumps(g["base"], sort_keys=True)
+            series.setdefault((g["family"], base), []).append(g)
+    for (family, base), points in series.items():
+        curve = family in CURVE_PARAM and len(points) > 1
+        label = f"{family} (over {CURVE_PARAM[family]})" if curve else family
+        if differing:  # runs of other data/model settings: say which
+            label += " [" + ", ".join(f"{k}={points[0]['base'].get(k)}" for k in differing)
+            label += "]"
+        rob = [g["metrics"][robust_key] for g in points]
+        clean = [g["metrics"]["clean"] for g in points]
+        ax_acc.errorbar(
+            [100 * s["mean"] for s in rob],
+            [100 * s["mean"] for s in clean],
+            xerr=[100 * s["std"] for s in rob],
+            yerr=[100 * s["std"] for s in clean],
+            fmt=("-" if curve else "") + MARKERS[bases.index(base) % len(MARKERS)],
+            color=colors.get(family),
+            capsize=3,
+            markersize=6 if curve else 9,
+            label=label,
+        )
+        if family in CURVE_PARAM:
+            for g, r, c in zip(points, rob, clean, strict=True):
+                ax_acc.annotate(
+                    f"{g['param']:g}",
+                    (100 * r["mean"], 100 * c["mean"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
+    ax_acc.set_xlabel(f"robust accuracy (%), {robust_key}")
+    ax_acc.set_ylabel("clean accuracy (%)")
+    ax_acc.set_title(f"{dataset}: clean vs robust (SAM labelled by rho, AT by eps x 255)")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+
+
+def plot(groups: Sequence[dict[str, Any]], robust_keys: Sequence[str], path: str) -> None:
+    """Per dataset: clean vs robust accuracy per key (curves over rho / eps), cost vs SGD."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(g["dataset"] for g in groups))
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 5.5 * len(datasets)), squeeze=False)
+    cols = len(robust_keys) + 1
+    fig, axes = plt.subplots(
+        len(datasets), cols, figsize=(6.5 * cols, 5.5 * len(datasets)), squeeze=False
+    )
     colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for (ax_acc, ax_cost), dataset in zip(axes, datasets, strict=True):
+    for (*acc_axes, ax_cost), dataset in zip(axes, datasets, strict=True):
         here = [g for g in groups if g["dataset"] == dataset]
-        bases = list(dict.fromkeys(json.dumps(g["base"], sort_keys=True) for g in here))
-        differing = differing_keys([g["base"] for g in here])
-        series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for g in here:
-            if robust_key in g["metrics"]:
-                base = json.dumps(g["base"], sort_keys=True)
-                series.setdefault((g["family"], base), []).append(g)
-        for (family, base), points in series.items():
-            curve = family in CURVE_PARAM and len(points) > 1
-            label = f"{family} (over {CURVE_PARAM[family]})" if curve else family
-            if differing:  # runs of other data/model settings: say which
-                label += " [" + ", ".join(f"{k}={points[0]['base'].get(k)}" for k in differing)
-                label += "]"
-            rob = [g["metrics"][robust_key] for g in points]
-            clean = [g["metrics"]["clean"] for g in points]
-            ax_acc.errorbar(
-                [100 * s["mean"] for s in rob],
-                [100 * s["mean"] for s in clean],
-                xerr=[100 * s["std"] for s in rob],
-                yerr=[100 * s["std"] for s in clean],
-                fmt=("-" if curve else "") + MARKERS[bases.index(base) % len(MARKERS)],
-                color=colors.get(family),
-                capsize=3,
-                markersize=6 if curve else 9,
-                label=label,
-            )
-            if family in CURVE_PARAM:
-                for g, r, c in zip(points, rob, clean, strict=True):
-                    ax_acc.annotate(
-                        f"{g['param']:g}",
-                        (100 * r["mean"], 100 * c["mean"]),
-                        textcoords="offset points",
-                        xytext=(4, 4),
-                        fontsize=7,
-                    )
-        ax_acc.set_xlabel(f"robust accuracy (%), {robust_key}")
-        ax_acc.set_ylabel("clean accuracy (%)")
-        ax_acc.set_title(f"{dataset}: clean vs robust (SAM labelled by rho, AT by eps x 255)")
-        ax_acc.grid(alpha=0.3)
-        ax_acc.legend(fontsize=8)
+        for ax_acc, robust_key in zip(acc_axes, robust_keys, strict=True):
+            _plot_tradeoff(ax_acc, here, robust_key, dataset, colors)
 
         ax_cost.set_title(f"{dataset}: training cost (mean over seeds)")
         costed = [g for g in here if g["cost_vs_sgd"] is not None]
@@ -342,7 +410,9 @@ def plot(groups: Sequence[dict[str, Any]], robust_key: str, path: str) -> None:
     plt.close(fig)
 
 
-def report(root: str, out: str | None = None, robust_key: str = DEFAULT_ROBUST_KEY) -> dict:
+def report(
+    root: str, out: str | None = None, robust_keys: Sequence[str] = (DEFAULT_ROBUST_KEY,)
+) -> dict:
     """Writes report.md, report.png and report.json to ``out`` (default ``root``)."""
     out = out or root
     runs, incomplete = load_runs(root)
@@ -350,15 +420,16 @@ def report(root: str, out: str | None = None, robust_key: str = DEFAULT_ROBUST_K
         raise ValueError(f"No finished runs (results.json + config.json) under {root}")
     groups = group_runs(runs)
     available = sorted({k for g in groups for k in g["metrics"]})
-    if not any(robust_key in g["metrics"] for g in groups):
-        raise ValueError(f"--robust_key={robust_key} is in no run; available: {available}")
+    robust_keys = [k for k in robust_keys if any(k in g["metrics"] for g in groups)]
+    if not robust_keys:
+        raise ValueError(f"no --robust_key is in any run; available: {available}")
     os.makedirs(out, exist_ok=True)
-    data = {"root": root, "robust_key": robust_key, "incomplete": incomplete, "groups": groups}
+    data = {"root": root, "robust_keys": robust_keys, "incomplete": incomplete, "groups": groups}
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(data, f, indent=2)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(markdown(groups, root, incomplete))
-    plot(groups, robust_key, os.path.join(out, "report.png"))
+    plot(groups, robust_keys, os.path.join(out, "report.png"))
     return data
 
 
@@ -366,10 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--root", required=True, help="the sweep's directory (one workdir per run)")
     p.add_argument("--out", help="output directory (default: --root)")
-    p.add_argument("--robust_key", default=DEFAULT_ROBUST_KEY, help="robust metric to plot")
+    p.add_argument(
+        "--robust_key",
+        action="append",
+        help=f"robust metric to plot against clean accuracy, repeatable (default "
+        f"{DEFAULT_ROBUST_KEY}); keys in no run are skipped",
+    )
     args = p.parse_args(argv)
     try:
-        data = report(args.root, args.out, args.robust_key)
+        data = report(args.root, args.out, args.robust_key or [DEFAULT_ROBUST_KEY])
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

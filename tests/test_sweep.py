@@ -217,5 +217,21 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     assert os.path.getsize(tmp_path / "out" / "report.png") > 10_000
     assert json.load(open(tmp_path / "out" / "report.json")) == json.loads(json.dumps(data))
 
+    # Paired with SGD of the same seed: SAM - SGD per seed; AT has seeds 0 and 2 only.
+    np.testing.assert_allclose(
+        sam["vs_sgd"]["clean"]["values"], np.subtract(sam_clean, sgd_clean), atol=1e-12
+    )
+    assert sam["vs_sgd"]["clean"]["higher"] == 2  # 0.95 < 0.97 in seed 2
+    np.testing.assert_allclose(at_g["vs_sgd"][key]["values"], [0.8 - 0.50, 0.9 - 0.60])
+    assert "autoattack:autoattack_linf_8/255" not in at_g["vs_sgd"]  # SGD has none
+    assert "| SAM rho=0.1 | digits | +1.0 ± 2.6 (2/3) | +7.0 ± 4.4 (3/3) |" in md
+
+    # Robust keys no run has are skipped; the plot gets one panel per remaining key.
+    data = report.report(
+        root,
+        str(tmp_path / "out2"),
+        ["pgd10_ce_linf_8/255", key, "autoattack:autoattack_linf_8/255"],
+    )
+    assert data["robust_keys"] == [key, "autoattack:autoattack_linf_8/255"]
     with pytest.raises(ValueError, match="available"):
-        report.report(root, str(tmp_path / "out"), robust_key="pgd10_ce_linf_8/255")
+        report.report(root, str(tmp_path / "out"), ["pgd10_ce_linf_8/255"])
