@@ -17,7 +17,9 @@ command, which resumes from its latest checkpoint. ``--eval=SUITE`` then runs
 ``RUN/eval_SUITE.json``. Before anything runs, every config is built exactly as
 ``samrobust.main`` builds it (``configs/<mode>.py`` + ``--config.*`` overrides through
 ml_collections' config flags) and validated; ``--dry_run`` stops there and prints the
-commands. Interrupt with Ctrl-C and re-run the same command to continue.
+commands. Ctrl-C or SIGTERM (a scheduler's stop) is passed on to the current run, which saves a
+checkpoint at its current step and exits; the sweep then exits with 128 + the signal. Re-run
+the same command to continue.
 """
 
 import argparse
@@ -25,15 +27,17 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 
 from experiments.grids import GRIDS, RunSpec
+from samrobust import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,6 +111,12 @@ def expand(grid: str, root: str, seeds: int, extra_overrides: Sequence[str] = ()
     ]
 
 
+def run_name(command: Sequence[str]) -> str:
+    """The run a ``samrobust.main`` command trains, named by its ``--workdir``."""
+    workdir = next((a.split("=", 1)[1] for a in command if a.startswith("--workdir=")), "?")
+    return f"run {os.path.basename(workdir)}"
+
+
 def build_config(command: Sequence[str]) -> ml_collections.ConfigDict:
     """The config a ``samrobust.main`` command line trains, parsed as main parses it, validated.
 
@@ -131,13 +141,9 @@ def build_config(command: Sequence[str]) -> ml_collections.ConfigDict:
         config = flag_values.config
         train.validate_config(config, num_devices=1)
     except (KeyError, AttributeError) as e:  # ConfigDict's error for an unknown key
-        inner: BaseException = e
-        while inner.args and isinstance(inner.args[0], BaseException):
-            inner = inner.args[0]
-        message = str(inner.args[0] if inner.args else inner).replace("\n", "; ")
-        raise ValueError(f"{shlex.join(command[2:])}: unknown config key {message}") from e
+        raise ValueError(f"{run_name(command)}: {errors.unknown_key_message(e, argv)}") from e
     except (flags.Error, ValueError) as e:
-        raise ValueError(f"{shlex.join(command[2:])}: {e}") from e
+        raise ValueError(f"{run_name(command)}: {errors.one_line(str(e))}") from e
     return config
 
 
@@ -157,12 +163,45 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+class StoppedError(Exception):
+    """The sweep got SIGTERM or SIGINT; the run it was running has stopped cleanly."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 def run_logged(command: Sequence[str], log_path: str) -> int:
-    """Runs ``command`` from the repository root, appending its output to ``log_path``."""
+    """Runs ``command`` from the repository root, appending its output to ``log_path``.
+
+    SIGTERM and SIGINT sent to the sweep are passed on to the run once (it saves a
+    checkpoint at its current step and exits); then ``StoppedError`` is raised.
+    """
+    received: list[int] = []
     with open(log_path, "a") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
         log.flush()
-        return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        # Its own session: a terminal's Ctrl-C reaches only the sweep, which forwards it.
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def forward(signum: int, frame: Any) -> None:
+            del frame
+            if not received:
+                received.append(signum)
+                print(f"received {signal.Signals(signum).name}: stopping the current run")
+                proc.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    if received:
+        raise StoppedError(received[0])
+    return rc
 
 
 def log_tail(log_path: str, lines: int = 15) -> str:
@@ -170,8 +209,15 @@ def log_tail(log_path: str, lines: int = 15) -> str:
         return "".join(f.readlines()[-lines:])
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error: ...`` line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        errors.fail(f"{message} (see python -m experiments.sweep --help)")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--grid", required=True, choices=sorted(GRIDS))
     p.add_argument("--root", required=True, help="directory holding one workdir per run")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every config")
@@ -206,18 +252,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         configs = [build_config(run.train_command()) for run in runs]
     except ValueError as e:
-        print(f"Invalid config: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e}", file=sys.stderr)
+        return errors.EXIT_USER_ERROR
     mismatched = {
         run.name: diff
         for run, config in zip(runs, configs, strict=True)
         if run.trained() and (diff := check_finished_config(run, config))
     }
-    for name, diff in mismatched.items():
-        print(f"{name}: finished under another config:\n  " + "\n  ".join(diff))
     if mismatched:
-        print("Use another --root, or the grid and --override values those runs were made with.")
-        return 2
+        name, diff = next(iter(mismatched.items()))
+        print(
+            f"error: {len(mismatched)} finished runs in {args.root} were made under another "
+            f"config (first: {name}: {'; '.join(diff)}); use another --root, or the grid and "
+            "--override values those runs were made with",
+            file=sys.stderr,
+        )
+        return errors.EXIT_USER_ERROR
 
     if args.dry_run:
         for i, run in enumerate(runs, 1):
@@ -270,6 +320,9 @@ def execute(runs: Sequence[Run], grid: str, suite: str | None, eval_flags: Seque
     except KeyboardInterrupt:
         print("Interrupted. Re-run the same command to resume.")
         return 130
+    except StoppedError as e:
+        print(f"Stopped by {e}; the run saved a checkpoint. Re-run the same command to resume.")
+        return e.exit_code
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}. Re-run the same command to retry.")
         return 1

@@ -5,16 +5,28 @@ that config with the current one: keys that shape the state or the training traj
 must match, so a checkpoint is never silently continued under another recipe. Only
 logging, checkpointing and evaluation settings may change between resumptions.
 
+Resuming falls back past damaged checkpoints: the newest readable one is used, each damaged
+one is moved aside to ``damaged-<step>-<time>`` (kept, never deleted) with a warning, so
+that training can save that step again. :class:`Preemption` turns SIGTERM/SIGINT into a
+checkpoint at the current step and a clean exit (code ``128 + signal``).
+
 A run keeps two kinds: the latest ``keep_checkpoints`` in ``WORKDIR/checkpoints`` and, when
 it evaluates during training, the best one by validation robust accuracy in
 ``WORKDIR/checkpoints_best`` (orbax's ``best_fn``; a tie goes to the later step).
 """
 
 import os
+import signal
+import threading
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from samrobust.errors import UserError
 
 # Config keys that may differ between a checkpoint and the run that resumes it.
 RESUMABLE_KEYS = frozenset(
@@ -33,8 +45,19 @@ CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used: incompatible config, or unreadable files."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read."""
+
+    def __init__(self, where: str, cause: BaseException):
+        self.reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        super().__init__(
+            f"Checkpoint {where} is unreadable ({self.reason}); no older readable checkpoint "
+            "is kept. Start again in a new --workdir."
+        )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -91,24 +114,59 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
-        """``(state, extras)`` of checkpoint ``step`` (default: the latest), or None if there
-        is none.
+        """``(state, extras)`` of checkpoint ``step``, or by default of the newest readable
+        one (damaged newer ones are moved aside with a warning); None if there is none.
 
         ``state`` is restored into ``abstract_state``'s structure; ``extras`` is what
-        :meth:`save` was given (e.g. the training time so far).
+        :meth:`save` was given (e.g. the training time so far). A checkpoint of another
+        config raises ``CheckpointError``.
         """
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
-            return None
+        if step is not None:
+            return self._restore_step(abstract_state, step)
+        damaged: list[tuple[int, DamagedCheckpointError]] = []
+        for candidate in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self._restore_step(abstract_state, candidate)
+            except DamagedCheckpointError as e:
+                damaged.append((candidate, e))
+                continue
+            if damaged:
+                self._move_aside(damaged)
+            return restored
+        if damaged:
+            raise CheckpointError(
+                f"No readable checkpoint in {self.directory}: "
+                + "; ".join(f"step {s}: {e.reason}" for s, e in damaged)
+                + ". Start again in a new --workdir (the damaged ones are left as they are)."
+            )
+        return None
+
+    def _move_aside(self, damaged: list[tuple[int, "DamagedCheckpointError"]]) -> None:
+        """Moves damaged checkpoints to ``damaged-<step>-<time>`` (kept, so that their steps
+        can be saved again), warning for each."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for step, e in damaged:
+            aside = os.path.join(self.directory, f"damaged-{step}-{stamp}")
+            if jax.process_index() == 0:
+                os.rename(os.path.join(self.directory, str(step)), aside)
+            logging.warning(
+                "checkpoint step %d is damaged (%s): moved to %s (kept); resuming from the "
+                "newest readable one",
+                step,
+                e.reason,
+                aside,
+            )
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("samrobust checkpoint fallback")
+        self.manager.reload()
+
+    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
         where = os.path.join(self.directory, str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            mismatch = config_mismatch(meta["meta"]["config"], self.config)
         except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(
-                f"Checkpoint {where} is unreadable ({type(e).__name__}: {e}). Delete that "
-                "directory to resume from the previous checkpoint, or use a new --workdir."
-            ) from e
-        mismatch = config_mismatch(meta["meta"]["config"], self.config)
+            raise DamagedCheckpointError(where, e) from e
         if mismatch:
             raise CheckpointError(
                 f"Checkpoint {where} was made with a different config:\n  "
@@ -119,12 +177,8 @@ class Checkpointer:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             )
-        except Exception as e:
-            raise CheckpointError(
-                f"Checkpoint {where} does not match the model/optimizer state "
-                f"({type(e).__name__}: {e}). Delete it to resume from the previous "
-                "checkpoint, or use a new --workdir."
-            ) from e
+        except Exception as e:  # same config, unreadable state: damaged files
+            raise DamagedCheckpointError(where, e) from e
         return restored["state"], meta["meta"].get("extras", {})
 
     def save(
@@ -164,9 +218,10 @@ def read_state(
     """``(step, state)`` of a run's checkpoint, every array placed with ``sharding``; the
     state's structure is read from the checkpoint. None if there is none.
 
-    ``kind="latest"`` reads ``step`` (default: the newest) from the latest checkpoints;
-    ``kind="best"`` reads the best checkpoint. Orbax's errors for damaged files propagate:
-    callers say what to do about them.
+    ``kind="latest"`` reads ``step`` from the latest checkpoints, by default the newest
+    readable one (a damaged newer one is skipped with a warning naming its step, and left as
+    it is); ``kind="best"`` reads the best checkpoint. Orbax's errors for a damaged ``step``
+    asked for, or when none is readable, propagate: callers say what to do about them.
     """
     directory = checkpoint_dir(workdir, kind)
     if not os.path.isdir(directory):
@@ -174,24 +229,90 @@ def read_state(
     # "meta" (the config as JSON) is restored too: orbax warns about items left unread.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
-        if step is None:
-            steps = mngr.all_steps()
-            step = max(steps) if steps else None  # the best store holds only the best
-        if step is None:
-            return None
-        if step not in mngr.all_steps():
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if step is not None and step not in steps:
             raise FileNotFoundError(
-                f"no checkpoint of step {step} in {directory}; it holds steps "
-                f"{sorted(mngr.all_steps())}"
+                f"no checkpoint of step {step} in {directory}; it holds steps {sorted(steps)}"
             )
-        meta = mngr.item_metadata(step)["state"]
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
+        candidates = [step] if step is not None else steps
+        for i, candidate in enumerate(candidates):
+            try:
+                meta = mngr.item_metadata(candidate)["state"]
+                target = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
+                )
+                restored = mngr.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                    ),
+                )
+                return candidate, restored["state"]
+            except Exception as e:  # orbax raises many types for damaged files
+                if i == len(candidates) - 1:
+                    raise
+                logging.warning(
+                    "checkpoint step %d in %s is damaged (%s: %s); using the previous one",
+                    candidate,
+                    directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
+    return None
+
+
+class Preemption:
+    """SIGTERM (how schedulers and spot/TPU preemption stop jobs) and SIGINT become a stop
+    at the next step boundary: call :meth:`reached` once per step.
+
+    Single process: the signal sets a flag. Several processes: JAX's preemption service
+    (``jax.distributed``) catches SIGTERM and :meth:`reached` is true at the same step on
+    all of them (``multihost_utils.reached_preemption_sync_point``); SIGINT keeps its usual
+    meaning there. A second SIGINT stops at once (KeyboardInterrupt).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.multi = jax.process_count() > 1
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.warning(
+            "received %s: stopping after this step with a checkpoint", signal.Signals(signum).name
         )
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
-        )
-    return step, restored["state"]
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop at ``step``."""
+        if self.multi:
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = self.signum or signal.SIGTERM
+                return True
+            return False
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as shells report it."""
+        return 128 + (self.signum or signal.SIGTERM)
+
+    def close(self) -> None:
+        """Puts the previous signal handlers back."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class PreemptedError(Exception):
+    """Training stopped on a signal after saving a checkpoint; ``exit_code`` is the code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

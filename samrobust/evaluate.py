@@ -56,6 +56,7 @@ Python, on any model (``logits_fn(variables, x) -> logits``)::
 restores a training run's model and variables.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -67,14 +68,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, models
+from samrobust import attacks, errors, input_pipeline, models
 from samrobust import autoattack as aa
 from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
+from samrobust.errors import UserError
+from samrobust.workdir import WorkdirLock
 
 AXIS = "batch"
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -625,7 +628,7 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """A workdir cannot be evaluated; the message names the fix."""
 
 
@@ -838,35 +841,32 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     if FLAGS.suite == "paper" and (FLAGS.eps is not None or FLAGS.norm is not None):
-        raise app.UsageError(
+        raise UserError(
             "--eps and --norm set the AutoAttack budget: use them with "
             "--suite=autoattack or --suite=full"
         )
     try:
         eps = None if FLAGS.eps is None else parse_eps(FLAGS.eps)
     except ValueError as e:
-        raise app.UsageError(f"--eps: {e}") from None
+        raise UserError(f"--eps: {e}") from None
     try:
         checkpoint = parse_checkpoint(FLAGS.checkpoint)
     except ValueError as e:
-        raise app.UsageError(f"--checkpoint: {e}") from None
+        raise UserError(f"--checkpoint: {e}") from None
     if FLAGS.num_examples == 0 or FLAGS.num_examples < -1:
-        raise app.UsageError("--num_examples must be positive, or -1 for the whole test split")
+        raise UserError("--num_examples must be positive, or -1 for the whole test split")
     logging.get_absl_handler().addFilter(  # orbax's INFO chatter
         lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
     )
     set_cpu_devices(FLAGS.cpu_devices)
     mesh = default_mesh()
-    try:
-        run = load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint)
-    except (EvaluationError, CheckpointError, input_pipeline.DatasetUnavailableError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run = load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint)
     config, ds = run.config, run.dataset
     batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
     if batch_size <= 0 or batch_size % mesh.size:
-        raise app.UsageError(
+        raise UserError(
             f"batch size {batch_size} is not a positive multiple of the device count "
             f"{mesh.size}: pass e.g. --batch_size={mesh.size * max(1, batch_size // mesh.size)}"
         )
@@ -897,38 +897,40 @@ def main(argv: Sequence[str]) -> None:
         batch_size,
         mesh.size,
     )
-    report = evaluate(
-        run.logits_fn,
-        run.variables,
-        ds.test_images[:n],
-        ds.test_labels[:n],
-        suite=FLAGS.suite,
-        eps=eps,
-        norm=FLAGS.norm,
-        num_classes=ds.num_classes,
-        batch_size=batch_size,
-        seed=config["seed"] if FLAGS.seed is None else FLAGS.seed,
-        mesh=mesh,
-        n_iter=FLAGS.n_iter,
-        n_target_classes=FLAGS.n_target_classes,
-        n_queries=FLAGS.n_queries,
-        unroll=FLAGS.unroll,
-    )
-    report["run"] = {
-        "workdir": os.path.abspath(run.workdir),
-        "step": run.step,
-        "checkpoint": FLAGS.checkpoint,
-        "mode": config["mode"],
-        "dataset": ds.name,
-        "model": config["model"],
-        "width": config["width"],
-    }
-    if jax.process_index() == 0:
-        for path in write_report(run.workdir, report, checkpoint):
-            logging.info("wrote %s", path)
+    lock = WorkdirLock(run.workdir, "evaluation") if jax.process_index() == 0 else None
+    with lock or contextlib.nullcontext():  # one writer per workdir
+        report = evaluate(
+            run.logits_fn,
+            run.variables,
+            ds.test_images[:n],
+            ds.test_labels[:n],
+            suite=FLAGS.suite,
+            eps=eps,
+            norm=FLAGS.norm,
+            num_classes=ds.num_classes,
+            batch_size=batch_size,
+            seed=config["seed"] if FLAGS.seed is None else FLAGS.seed,
+            mesh=mesh,
+            n_iter=FLAGS.n_iter,
+            n_target_classes=FLAGS.n_target_classes,
+            n_queries=FLAGS.n_queries,
+            unroll=FLAGS.unroll,
+        )
+        report["run"] = {
+            "workdir": os.path.abspath(run.workdir),
+            "step": run.step,
+            "checkpoint": FLAGS.checkpoint,
+            "mode": config["mode"],
+            "dataset": ds.name,
+            "model": config["model"],
+            "width": config["width"],
+        }
+        if jax.process_index() == 0:
+            for path in write_report(run.workdir, report, checkpoint):
+                logging.info("wrote %s", path)
     logging.info("accuracy: %s", json.dumps(report["accuracy"]))
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    errors.run(main)

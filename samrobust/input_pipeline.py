@@ -42,6 +42,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from samrobust.errors import UserError
+
 TFDS_DATASETS = {
     # name: (num_classes, mean, std)
     "cifar10": (10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
@@ -90,7 +92,7 @@ class Dataset:
         return 0 if self.val_labels is None else len(self.val_labels)
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
     """A dataset cannot be found or read; the message names the path and the fix."""
 
 

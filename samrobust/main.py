@@ -5,16 +5,20 @@ On a CPU, ``--cpu_devices=N`` (one per core) trains data-parallel over the cores
 one device at CIFAR shapes. On several processes (TPU pods, or ``--num_processes`` with a
 coordinator), JAX's distributed runtime is initialised first; every process runs this same
 command.
+
+Exit codes: 0 done; 2 a user error (one ``error: ...`` line on stderr: config, data,
+checkpoint, a workdir held by another process); 143 / 130 stopped by SIGTERM / SIGINT after
+saving a checkpoint at the current step (run the same command to resume); 1 a bug.
 """
 
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from samrobust import evaluate, input_pipeline, train
-from samrobust.checkpoint import CheckpointError
+from samrobust import errors, evaluate, train
+from samrobust.checkpoint import PreemptedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -54,10 +58,10 @@ def main(argv):
     )
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (train.ConfigError, input_pipeline.DatasetUnavailableError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except PreemptedError as e:
+        logging.warning("%s", e)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

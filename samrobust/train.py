@@ -9,10 +9,13 @@ BatchNorm statistics come from the first, unperturbed pass and are averaged over
 device sees its own slice of the global batch).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -28,20 +31,22 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, evaluate, input_pipeline, models
-from samrobust.checkpoint import BEST_METRIC, Checkpointer
+from samrobust.checkpoint import BEST_METRIC, Checkpointer, PreemptedError, Preemption
+from samrobust.errors import UserError
 from samrobust.metrics import MetricWriter
 from samrobust.sam import sam
+from samrobust.workdir import WorkdirLock
 
 AXIS = evaluate.AXIS
 MODES = ("sgd", "sam", "at", "sam_at")
 LR_SCHEDULES = ("piecewise", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An invalid config value; the message names the key and the fix."""
 
 
-class TrainingDivergedError(FloatingPointError):
+class TrainingDivergedError(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
 
 
@@ -69,6 +74,14 @@ def uses_attack(mode: str) -> bool:
     return mode in ("at", "sam_at")
 
 
+def _flat_items(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of a nested dict."""
+    items = []
+    for k, v in d.items():
+        items += _flat_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return items
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ``ConfigError`` naming the key and the fix for any invalid value."""
 
@@ -77,6 +90,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             value = functools.reduce(getattr, key.split("."), config)
             raise ConfigError(f"config.{key} = {value!r}: {what} (e.g. --config.{key}={example})")
 
+    for key, value in _flat_items(config.to_dict()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config.{key} = {value}: must be a finite number")
     check(config.mode in MODES, "mode", f"must be one of {MODES}", "sam")
     check(
         config.dataset in input_pipeline.DATASETS,
@@ -395,12 +411,26 @@ def _format_seconds(s: float) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (resuming from ``workdir``'s latest checkpoint), evaluates, writes results."""
+    """Trains (resuming from ``workdir``'s latest readable checkpoint), evaluates, writes
+    results. Holds the workdir's lock throughout (process 0). On SIGTERM/SIGINT it saves a
+    checkpoint at the current step and raises ``PreemptedError``."""
     validate_config(config, jax.device_count())
     if config.batch_size % jax.process_count():
         raise ConfigError(
             f"config.batch_size must divide by the process count {jax.process_count()}"
         )
+    lock = WorkdirLock(workdir, "training") if jax.process_index() == 0 else None
+    preemption = Preemption()
+    try:
+        with lock or contextlib.nullcontext():
+            return _train_and_evaluate(config, workdir, preemption)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, preemption: Preemption
+) -> dict[str, Any]:
     try:
         ds = input_pipeline.load(
             config.dataset,
@@ -504,8 +534,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images, labels = evaluate.shard_batch(mesh, *next(batches))
         state, metrics = step_fn(state, images, labels, step_key)
         pending.append(metrics)
+        stop = preemption.reached(step)
         log_due = step % config.log_every_steps == 0 or step == total_steps
-        ckpt_due = step % config.checkpoint_every_steps == 0 or step == total_steps
+        ckpt_due = step % config.checkpoint_every_steps == 0 or step == total_steps or stop
         if log_due or ckpt_due or step == start_step + 1:
             summary = flush(step)
             now = time.perf_counter()
@@ -533,7 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.save(
                 step,
                 state,
-                force=step == total_steps,
+                force=step == total_steps or stop,
                 extras={
                     "train_seconds": earlier["train_seconds"] + timed_seconds,
                     "timed_steps": earlier["timed_steps"] + timed_steps,
@@ -544,6 +575,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             seconds = validator(step, state, writer)
             if t_last is not None:  # evaluation is not training time
                 t_last += seconds
+        if stop:
+            ckpt.close()
+            if validator is not None:
+                validator.checkpointer.close()
+            writer.close()
+            raise PreemptedError(
+                f"stopped by {signal.Signals(preemption.exit_code - 128).name} at step {step} "
+                f"of {total_steps}: checkpoint {step} saved in {ckpt.directory}; run the same "
+                "command to resume",
+                preemption.exit_code,
+            )
     ckpt.close()
     if jax.process_count() > 1:  # every process must hold the same replica
         multihost_utils.assert_equal(

@@ -74,7 +74,8 @@ def test_invalid_override_and_changed_config_are_refused(tmp_path, capsys):
         with open(os.path.join(run.workdir, name), "w") as f:
             json.dump(data, f)
     assert sweep.main(["--grid=smoke", f"--root={root}", "--seeds=1", "--dry_run"]) == 2
-    assert "width: checkpoint 16 vs now 4" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 finished runs") and "width: checkpoint 16 vs now 4" in err
 
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
