@@ -53,7 +53,8 @@ class DamagedCheckpointError(CheckpointError):
     """A checkpoint's files cannot be read."""
 
     def __init__(self, where: str, cause: BaseException):
-        self.reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        text = (str(cause).splitlines() or [""])[0].split(" See full TensorStore details")[0]
+        self.reason = f"{type(cause).__name__}: {text[:160]}"
         super().__init__(
             f"Checkpoint {where} is unreadable ({self.reason}); no older readable checkpoint "
             "is kept. Start again in a new --workdir."
@@ -161,24 +162,27 @@ class Checkpointer:
         self.manager.reload()
 
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
+        # A fresh reader per attempt: after failed restores orbax's shared manager floods
+        # stderr with "Event loop is closed" tracebacks from tensorstore callbacks.
         where = os.path.join(self.directory, str(step))
-        try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            mismatch = config_mismatch(meta["meta"]["config"], self.config)
-        except Exception as e:  # orbax raises many types for damaged files
-            raise DamagedCheckpointError(where, e) from e
-        if mismatch:
-            raise CheckpointError(
-                f"Checkpoint {where} was made with a different config:\n  "
-                + "\n  ".join(mismatch)
-                + "\nResume with the same settings, or start this config in a new --workdir."
-            )
-        try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            )
-        except Exception as e:  # same config, unreadable state: damaged files
-            raise DamagedCheckpointError(where, e) from e
+        with ocp.CheckpointManager(self.directory) as reader:
+            try:
+                meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                mismatch = config_mismatch(meta["meta"]["config"], self.config)
+            except Exception as e:  # orbax raises many types for damaged files
+                raise DamagedCheckpointError(where, e) from e
+            if mismatch:
+                raise CheckpointError(
+                    f"Checkpoint {where} was made with a different config:\n  "
+                    + "\n  ".join(mismatch)
+                    + "\nResume with the same settings, or start this config in a new --workdir."
+                )
+            try:
+                restored = reader.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                )
+            except Exception as e:  # same config, unreadable state: damaged files
+                raise DamagedCheckpointError(where, e) from e
         return restored["state"], meta["meta"].get("extras", {})
 
     def save(
@@ -226,17 +230,22 @@ def read_state(
     directory = checkpoint_dir(workdir, kind)
     if not os.path.isdir(directory):
         return None
+
     # "meta" (the config as JSON) is restored too: orbax warns about items left unread.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(directory, item_handlers=handlers) as mngr:
+    def reader() -> ocp.CheckpointManager:  # fresh per attempt, as in Checkpointer
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(directory, item_handlers=handlers)
+
+    with reader() as mngr:
         steps = sorted(mngr.all_steps(), reverse=True)
-        if step is not None and step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint of step {step} in {directory}; it holds steps {sorted(steps)}"
-            )
-        candidates = [step] if step is not None else steps
-        for i, candidate in enumerate(candidates):
-            try:
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {directory}; it holds steps {sorted(steps)}"
+        )
+    candidates = [step] if step is not None else steps
+    for i, candidate in enumerate(candidates):
+        try:
+            with reader() as mngr:
                 meta = mngr.item_metadata(candidate)["state"]
                 target = jax.tree.map(
                     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta
@@ -247,17 +256,17 @@ def read_state(
                         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
                     ),
                 )
-                return candidate, restored["state"]
-            except Exception as e:  # orbax raises many types for damaged files
-                if i == len(candidates) - 1:
-                    raise
-                logging.warning(
-                    "checkpoint step %d in %s is damaged (%s: %s); using the previous one",
-                    candidate,
-                    directory,
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
-                )
+            return candidate, restored["state"]
+        except Exception as e:  # orbax raises many types for damaged files
+            if i == len(candidates) - 1:
+                raise
+            logging.warning(
+                "checkpoint step %d in %s is damaged (%s: %s); using the previous one",
+                candidate,
+                directory,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
     return None
 
 
