@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default as default_config  # noqa: E402
-from samrobust import attacks, evaluate, input_pipeline, models, train  # noqa: E402
+from samrobust import attacks, evaluate, input_pipeline, models, parallel, train  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -364,9 +364,9 @@ def main() -> None:
     )
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--json", default=None, help="write the figures here")
-    p.add_argument("--cpu_devices", type=int, default=None, help=evaluate.CPU_DEVICES_HELP)
+    p.add_argument("--cpu_devices", type=int, default=None, help=parallel.CPU_DEVICES_HELP)
     args = p.parse_args()
-    evaluate.set_cpu_devices(args.cpu_devices)
+    parallel.set_cpu_devices(args.cpu_devices)
     sections = args.sections.split(",")
     result = {
         "command": " ".join(sys.argv),

@@ -5,6 +5,7 @@
   python -m experiments.sweep --grid=digits --root=/tmp/d --eval=autoattack --eval_flag=--unroll=1
   python -m experiments.sweep --grid=smoke --root=/tmp/s --eval=full --eval_flag=--num_examples=64
   python -m experiments.sweep --grid=paper_cifar10 --root=/data/c10 --override=data_dir=/data/tfds
+  python -m experiments.sweep --grid=cifar10_cpu --root=R --seeds=2 --shard=$SLURM_ARRAY_TASK_ID/8
   python -m experiments.report --root=/tmp/digits
 
 Grids are defined in ``experiments/grids.py`` (``paper_cifar10``, ``paper_cifar100``,
@@ -19,7 +20,9 @@ command, which resumes from its latest checkpoint. ``--eval=SUITE`` then runs
 ml_collections' config flags) and validated; ``--dry_run`` stops there and prints the
 commands. Ctrl-C or SIGTERM (a scheduler's stop) is passed on to the current run, which saves a
 checkpoint at its current step and exits; the sweep then exits with 128 + the signal. Re-run
-the same command to continue.
+the same command to continue. ``--shard=I/N`` runs only every N-th run of the grid starting at
+the I-th (0-based), so that N machines or a SLURM array of N tasks share one grid and one
+``--root``; each run's directory belongs to one shard.
 """
 
 import argparse
@@ -222,6 +225,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--root", required=True, help="directory holding one workdir per run")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every config")
     p.add_argument("--dry_run", action="store_true", help="build and validate; train nothing")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/N: run only the I-th (0-based) of N interleaved slices of the grid, e.g. "
+        "--shard=$SLURM_ARRAY_TASK_ID/8 in a SLURM array of 8",
+    )
     p.add_argument("--eval", help="after training: samrobust.evaluate --suite=EVAL per run")
     p.add_argument(
         "--eval_flag",
@@ -241,6 +250,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for o in args.override:
         if "=" not in o:
             p.error(f"--override={o}: expected KEY=VALUE")
+    try:
+        args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        p.error(f"--shard={args.shard}: expected I/N, e.g. --shard=0/4")
+    if not 0 <= args.shard_index < args.shard_count:
+        p.error(f"--shard={args.shard}: I must be in [0, N), e.g. --shard=0/{args.shard_count}")
     return args
 
 
@@ -248,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs (or with ``--dry_run`` prints) the sweep; returns the exit status."""
     args = parse_args(argv)
     runs = expand(args.grid, args.root, args.seeds, args.override)
+    runs = runs[args.shard_index :: args.shard_count]
+    if not runs:
+        print(f"--shard={args.shard}: this slice of grid {args.grid!r} has no runs; nothing to do")
+        return 0
     n = len(runs)
     try:
         configs = [build_config(run.train_command()) for run in runs]

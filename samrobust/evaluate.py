@@ -73,7 +73,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, errors, input_pipeline, models
+from samrobust import attacks, errors, input_pipeline, models, parallel
 from samrobust import autoattack as aa
 from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
 from samrobust.errors import UserError
@@ -115,29 +115,6 @@ FULL_EXTRA = tuple(
     for loss in ("ce", "cw")
 )
 SUITE_PGD = {"paper": PAPER_SUITE, "autoattack": (), "full": PAPER_SUITE + FULL_EXTRA}
-
-
-def set_cpu_devices(n: int | None) -> None:
-    """Splits the host CPU into ``n`` XLA devices; call before JAX's first operation.
-
-    XLA:CPU spreads one device's small convolutions poorly over several cores. At CIFAR
-    shapes one device per core, each with a slice of the batch, trains 1.1-1.5x faster on
-    2 cores (``experiments/results/bench_cpu_*_2dev.json``); on the 8x8 digits the per-step
-    synchronisation costs more than it gains. As on several GPUs, BatchNorm statistics and
-    SAM's perturbation are then per device. ``None`` keeps JAX's default; GPU/TPU devices
-    are unaffected.
-    """
-    if n is None:
-        return
-    if n < 1:
-        raise ValueError(f"cpu_devices must be >= 1, got {n}: use one per core, e.g. 2")
-    jax.config.update("jax_num_cpu_devices", n)
-
-
-CPU_DEVICES_HELP = (
-    "Split the host CPU into N XLA devices (default: JAX's); one per core is faster at CIFAR "
-    "shapes."
-)
 
 
 def default_mesh() -> Mesh:
@@ -835,7 +812,7 @@ def _define_flags() -> None:
         "Unroll of the attacks' iteration loops (default: PGD's, full on CPU; 1 for "
         "AutoAttack). 1 compiles fastest.",
     )
-    flags.DEFINE_integer("cpu_devices", None, CPU_DEVICES_HELP, lower_bound=1)
+    parallel.define_runtime_flags()
     flags.mark_flag_as_required("workdir")
 
 
@@ -860,7 +837,7 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(  # orbax's INFO chatter
         lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
     )
-    set_cpu_devices(FLAGS.cpu_devices)
+    parallel.initialize_runtime()
     mesh = default_mesh()
     run = load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint)
     config, ds = run.config, run.dataset

@@ -13,21 +13,16 @@ saving a checkpoint at the current step (run the same command to resume); 1 a bu
 
 import sys
 
-import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from samrobust import errors, evaluate, train
+from samrobust import errors, parallel, train
 from samrobust.checkpoint import PreemptedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detects pods).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
-flags.DEFINE_integer("cpu_devices", None, evaluate.CPU_DEVICES_HELP, lower_bound=1)
+parallel.define_runtime_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,21 +36,7 @@ def _quiet_libraries() -> None:
 def main(argv):
     del argv
     _quiet_libraries()
-    evaluate.set_cpu_devices(FLAGS.cpu_devices)
-    if FLAGS.distributed or FLAGS.coordinator_address:
-        # Cross-process collectives for CPU devices (harmless on GPU/TPU).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if jax.process_index() != 0:
-        logging.set_verbosity(logging.WARNING)
-    logging.info(
-        "JAX %s: %d devices (%d local), process %d of %d",
-        jax.__version__,
-        jax.device_count(),
-        jax.local_device_count(),
-        jax.process_index(),
-        jax.process_count(),
-    )
+    parallel.initialize_runtime()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except PreemptedError as e:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -236,3 +237,16 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     assert data["robust_keys"] == [key, "autoattack:autoattack_linf_8/255"]
     with pytest.raises(ValueError, match="available"):
         report.report(root, str(tmp_path / "out"), ["pgd10_ce_linf_8/255"])
+
+
+def test_shards_partition_the_grid(tmp_path, capsys):
+    root = str(tmp_path)
+    names = []
+    for i in range(4):
+        assert sweep.main(["--grid=digits", f"--root={root}", "--dry_run", f"--shard={i}/4"]) == 0
+        names.append(re.findall(r"\] (\S+) \(new\)", capsys.readouterr().out))
+    everything = [run.name for run in sweep.expand("digits", root, seeds=3)]
+    assert sorted(sum(names, [])) == sorted(everything)  # disjoint, complete
+    assert names[1] == everything[1::4]
+    assert sweep.main(["--grid=smoke", f"--root={root}", "--seeds=1", "--shard=3/4"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
