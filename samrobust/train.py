@@ -247,7 +247,7 @@ def train_step(
             mutable=["batch_stats"],
         )
         loss = jnp.mean(attacks.cross_entropy(logits, labels))
-        return loss, (logits, new_vars["batch_stats"])
+        return loss, (logits, new_vars.get("batch_stats", {}))  # {}: a model without BN
 
     if options.attack is not None:  # AT: train on PGD examples (train-mode BN, stats unused)
         a = options.attack
@@ -306,7 +306,7 @@ def create_train_state(
         return TrainState(
             step=jnp.zeros([], jnp.int32),
             params=params,
-            batch_stats=variables["batch_stats"],
+            batch_stats=variables.get("batch_stats", {}),
             opt_state=tx.init(params),
         )
 
