@@ -1,6 +1,6 @@
 """Benchmarks of samrobust's real train step, PGD, evaluation and input pipeline.
 
-  python experiments/bench.py --width=16 --batch=32 --modes=sgd,sam,at --pgd_steps=5 \
+  python -m experiments.bench --width=16 --batch=32 --modes=sgd,sam,at --pgd_steps=5 \
       --torch --json=experiments/results/bench_cpu.json
 
 Times the train step that ``samrobust.main`` uses (``train.make_train_step``, all devices)
@@ -34,10 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import default as default_config  # noqa: E402
-from samrobust import attacks, evaluate, input_pipeline, models, parallel, train  # noqa: E402
+from configs import default as default_config
+from samrobust import attacks, evaluate, input_pipeline, models, parallel, train
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

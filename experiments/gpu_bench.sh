@@ -7,7 +7,7 @@ set -euo pipefail
 out=${1:?usage: gpu_bench.sh OUTDIR [train|all]}
 what=${2:-all}
 mkdir -p "$out"
-b="python experiments/bench.py --torch --steps=20 --warmup=3"
+b="python -m experiments.bench --torch --steps=20 --warmup=3"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 $b --batch=128 --modes=sgd,sam,at,sam_at --pgd_steps=10 --sections=train,pgd,eval \
    --json="$out/bench_gpu_b128_f32_k10.json"

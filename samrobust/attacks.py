@@ -15,7 +15,7 @@ XLA:CPU runs a convolution network's input gradient several times slower inside 
 ``while`` loop than unrolled (the loop body keeps a slow kernel layout). ``unroll``
 (passed to ``lax.fori_loop``) removes that overhead; the default, ``None``, unrolls fully on
 CPU and not at all on GPU/TPU, where the loop costs nothing extra and compiles faster.
-``experiments/bench_pgd.py`` measures both.
+``python -m experiments.bench --sections=pgd`` measures both.
 """
 
 from collections.abc import Callable
@@ -70,7 +70,7 @@ def project(delta: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
     return jnp.clip(x + delta, 0.0, 1.0) - x
 
 
-def random_start(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
+def ball_start(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
     """A random point of the ball (Linf: uniform; L2: random direction, radius U[0, eps])."""
     if norm == "linf":
         return jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
@@ -103,7 +103,7 @@ def pgd(
     step_size: float,
     steps: int,
     norm: str = "linf",
-    random_start_: bool = True,
+    random_start: bool = True,
     unroll: int | bool | None = None,
 ) -> jax.Array:
     """Returns the adversarial input ``x_adv`` found by ``steps`` steps of PGD.
@@ -115,7 +115,7 @@ def pgd(
       eps, step_size: radius and step length (floats, or traced scalars under ``jit``).
       steps: number of steps (a Python int >= 0).
       norm: ``"linf"`` or ``"l2"``.
-      random_start_: start from a random point of the ball instead of ``x``.
+      random_start: start from a random point of the ball instead of ``x``.
       unroll: ``lax.fori_loop`` unroll factor; ``None`` picks :func:`default_unroll`.
 
     The result carries no gradient (``stop_gradient``).
@@ -125,7 +125,7 @@ def pgd(
     if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, step_size)):
         raise ValueError(f"pgd needs eps, step_size, steps >= 0; got {eps}, {step_size}, {steps}")
     x = jax.lax.stop_gradient(x)
-    delta = random_start(key, x, eps, norm) if random_start_ else jnp.zeros_like(x)
+    delta = ball_start(key, x, eps, norm) if random_start else jnp.zeros_like(x)
     delta = project(delta, x, eps, norm)
     grad_fn = jax.grad(loss_fn)
 

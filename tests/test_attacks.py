@@ -57,7 +57,7 @@ def test_linf_reaches_analytic_worst_case(loss, random_start):
         steps=12,
         unroll=1,
         norm="linf",
-        random_start_=random_start,
+        random_start=random_start,
     )
     want = x - eps * np.sign(w)
     np.testing.assert_allclose(np.asarray(x_adv), want, atol=1e-6)
@@ -82,7 +82,7 @@ def test_l2_reaches_analytic_worst_case_exactly(loss):
         steps=4,
         unroll=1,
         norm="l2",
-        random_start_=False,
+        random_start=False,
     )
     wn = np.sqrt(np.sum(w**2, axis=(1, 2, 3), keepdims=True))
     np.testing.assert_allclose(np.asarray(x_adv), x - eps * w / wn, atol=1e-5)
@@ -101,7 +101,7 @@ def test_l2_random_start_converges_to_worst_case():
         steps=60,
         unroll=1,
         norm="l2",
-        random_start_=True,
+        random_start=True,
     )
     wn = np.sqrt(np.sum(w**2, axis=(1, 2, 3), keepdims=True))
     want = x - eps * w / wn
@@ -125,8 +125,8 @@ def _mlp_logits(v):
 _MLP_LOSS = input_loss(_mlp_logits, "ce")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "norm", "random_start_", "steps", "unroll"))
-def _pgd_mlp(x, y, key, *, eps, norm, random_start_, steps=3, unroll=None):
+@functools.partial(jax.jit, static_argnames=("eps", "norm", "random_start", "steps", "unroll"))
+def _pgd_mlp(x, y, key, *, eps, norm, random_start, steps=3, unroll=None):
     return pgd(
         _MLP_LOSS,
         x,
@@ -136,7 +136,7 @@ def _pgd_mlp(x, y, key, *, eps, norm, random_start_, steps=3, unroll=None):
         step_size=eps / 2 if eps else 0.1,
         steps=steps,
         norm=norm,
-        random_start_=random_start_,
+        random_start=random_start,
         unroll=unroll,
     )
 
@@ -151,14 +151,14 @@ _pixels = st.one_of(
     x=hnp.arrays(np.float32, SHAPE, elements=_pixels),
     eps=st.sampled_from([0.0, 0.05, 2.0]),
     norm=st.sampled_from(["linf", "l2"]),
-    random_start_=st.booleans(),
+    random_start=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_pgd_stays_in_ball_and_box(x, eps, norm, random_start_, seed):
+def test_pgd_stays_in_ball_and_box(x, eps, norm, random_start, seed):
     y = jnp.asarray(np.arange(SHAPE[0]) % 3, jnp.int32)
     x_adv = np.asarray(
         _pgd_mlp(
-            jnp.asarray(x), y, jax.random.key(seed), eps=eps, norm=norm, random_start_=random_start_
+            jnp.asarray(x), y, jax.random.key(seed), eps=eps, norm=norm, random_start=random_start
         )
     )
     delta = x_adv.astype(np.float64) - x.astype(np.float64)
@@ -189,7 +189,7 @@ def test_pgd_matches_hand_loop_on_nonlinear_model(norm, eps, step_size):
         step_size=step_size,
         steps=steps,
         norm=norm,
-        random_start_=False,
+        random_start=False,
         unroll=1,
     )
     grad = jax.grad(_MLP_LOSS)
@@ -218,7 +218,7 @@ def test_unroll_factors_agree():
     x = jnp.asarray(rng.uniform(0, 1, SHAPE), jnp.float32)
     y = jnp.asarray([0, 1, 2, 0], jnp.int32)
     for norm in ("linf", "l2"):
-        kw = dict(eps=0.3, norm=norm, random_start_=True, steps=4)
+        kw = dict(eps=0.3, norm=norm, random_start=True, steps=4)
         a = _pgd_mlp(x, y, jax.random.key(1), unroll=1, **kw)
         b = _pgd_mlp(x, y, jax.random.key(1), unroll=4, **kw)
         assert float(jnp.max(jnp.abs(a - x))) > 0.0  # the attack moved
@@ -238,7 +238,7 @@ def test_zero_steps_without_random_start_returns_x():
             step_size=0.1,
             steps=0,
             norm=norm,
-            random_start_=False,
+            random_start=False,
         )
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
@@ -296,7 +296,7 @@ def test_pgd_raises_loss_of_trained_model():
                 step_size=step,
                 steps=10,
                 norm=norm,
-                random_start_=random_start,
+                random_start=random_start,
                 unroll=1,  # small compile; unrolling is tested separately
             )
             adv = cross_entropy(logits_fn(x_adv), y)

@@ -1,4 +1,5 @@
-"""Tests of the benchmark's profile breakdown (``experiments/bench.py --sections=profile``)."""
+"""Tests of the benchmark's profile breakdown
+(``python -m experiments.bench --sections=profile``)."""
 
 import jax
 import jax.numpy as jnp
