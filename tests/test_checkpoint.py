@@ -127,6 +127,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     return load_checkpoint(workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_current_step_and_resume_is_bitwise_equal(tmp_path, signum, uninterrupted):
     overrides = SIGNAL_OVERRIDES

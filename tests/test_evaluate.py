@@ -275,6 +275,7 @@ def test_cli_errors_name_the_fix(tmp_path, run_dir):
         assert "Traceback" not in proc.stderr, flags
 
 
+@pytest.mark.slow
 def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_path):
     """``--coordinator_address`` on 127.0.0.1: 2 processes x 1 device report what 1 process
     x 2 devices (``--cpu_devices=2``) reports, point by point."""
