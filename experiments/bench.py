@@ -111,13 +111,13 @@ def train_setup(args, mode: str):
         flip=True,
     )
     config.attack.steps = args.pgd_steps
-    mesh = evaluate.default_mesh()
+    mesh = parallel.default_mesh()
     model = bench_model(args)
     tx = train.create_optimizer(config, total_steps=1000)
     state = train.create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
     step = train.make_train_step(model.apply, tx, train.step_options(config), mesh)
     rng = np.random.default_rng(0)
-    images, labels = evaluate.shard_batch(
+    images, labels = parallel.shard_batch(
         mesh,
         rng.random((args.batch, 32, 32, 3), np.float32),
         rng.integers(0, 10, args.batch).astype(np.int32),
@@ -266,7 +266,7 @@ def bench_eval(args) -> dict:
     whole cascade; ``autoattack_<attack>_images_per_s`` are per attack.
     """
     model = bench_model(args)
-    mesh = evaluate.default_mesh()
+    mesh = parallel.default_mesh()
     logits_fn = evaluate.model_logits_fn(model.apply)
     n = args.batch * 2
     images = np.random.default_rng(0).random((n, 32, 32, 3), np.float32)

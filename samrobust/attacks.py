@@ -18,6 +18,7 @@ CPU and not at all on GPU/TPU, where the loop costs nothing extra and compiles f
 ``python -m experiments.bench --sections=pgd`` measures both.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -136,3 +137,19 @@ def pgd(
     unroll = default_unroll(steps) if unroll is None else unroll
     delta = jax.lax.fori_loop(0, steps, body, delta, unroll=unroll)
     return jax.lax.stop_gradient(x + delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDSpec:
+    """One PGD evaluation budget."""
+
+    norm: str
+    eps: float
+    step_size: float
+    steps: int = 10
+    loss: str = "ce"
+
+    @property
+    def name(self) -> str:
+        scale = 255.0
+        return f"pgd{self.steps}_{self.loss}_{self.norm}_{self.eps * scale:g}/255"

@@ -69,38 +69,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, errors, input_pipeline, models, parallel
 from samrobust import autoattack as aa
+from samrobust.attacks import PGDSpec
 from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
 from samrobust.errors import UserError
+from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
 from samrobust.workdir import WorkdirLock
 
-AXIS = "batch"
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
 SUITES = ("paper", "autoattack", "full")
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
 STANDARD_BUDGET = {"n_iter": 100, "n_target_classes": 9, "n_queries": 5000}
 VALID_TOL = 1e-6  # slack on ||x_adv - x|| <= eps, as AutoAttack's
-
-
-@dataclasses.dataclass(frozen=True)
-class PGDSpec:
-    """One PGD evaluation budget."""
-
-    norm: str
-    eps: float
-    step_size: float
-    steps: int = 10
-    loss: str = "ce"
-
-    @property
-    def name(self) -> str:
-        scale = 255.0
-        return f"pgd{self.steps}_{self.loss}_{self.norm}_{self.eps * scale:g}/255"
 
 
 PAPER_SUITE = (
@@ -115,11 +99,6 @@ FULL_EXTRA = tuple(
     for loss in ("ce", "cw")
 )
 SUITE_PGD = {"paper": PAPER_SUITE, "autoattack": (), "full": PAPER_SUITE + FULL_EXTRA}
-
-
-def default_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process."""
-    return Mesh(np.asarray(jax.devices()), (AXIS,))
 
 
 def make_correct_fn(
@@ -174,21 +153,6 @@ def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh):
     )
 
 
-def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-    """This host's slices of a global batch -> global arrays sharded over ``AXIS``."""
-    sharding = NamedSharding(mesh, P(AXIS))
-    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
-
-
-def _replicate(variables: Any, mesh: Mesh) -> Any:
-    """``variables`` on every device of ``mesh`` (a no-op when they already are)."""
-    return jax.device_put(variables, NamedSharding(mesh, P()))
-
-
-def _gather(a: jax.Array) -> np.ndarray:
-    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-
-
 def correctness(
     correct_fn: Callable,
     variables: Any,
@@ -216,7 +180,7 @@ def correctness(
     )
     for i, (x, y, _) in enumerate(batches):
         c = correct_fn(variables, *shard_batch(mesh, x, y), jax.random.fold_in(key, i))
-        out.append(_gather(c)[: len(images) - i * batch_size])
+        out.append(gather(c)[: len(images) - i * batch_size])
         n_correct += int(out[-1].sum())
         now = time.perf_counter()
         if name and now - logged >= 10:
@@ -250,7 +214,7 @@ def pgd_suite(
     :func:`make_correct_fn`.
     """
     mesh = mesh or default_mesh()
-    variables = _replicate(variables, mesh)
+    variables = replicate(variables, mesh)
     key = jax.random.key(seed)
     accuracy, masks, rates = {}, {}, {}
     for spec in (None, *specs):
@@ -340,7 +304,7 @@ def autoattack_suite(
     if norm not in attacks.NORMS:
         raise ValueError(f"Unknown norm {norm!r}; choose one of {attacks.NORMS}")
     mesh = mesh or default_mesh()
-    variables = _replicate(variables, mesh)
+    variables = replicate(variables, mesh)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
     n = len(images)
@@ -381,7 +345,7 @@ def autoattack_suite(
                 t = time.perf_counter()
                 fn.lower(*args).compile()
                 compile_s = time.perf_counter() - t
-            adv, wrong = (_gather(a)[: len(chunk)] for a in fn(*args))
+            adv, wrong = (gather(a)[: len(chunk)] for a in fn(*args))
             dist = np.asarray(aa.perturbation_norm(jnp.asarray(adv - images[chunk]), norm))
             in_box = np.all(
                 (adv >= 0) & (adv <= 1) & np.isfinite(adv), axis=tuple(range(1, adv.ndim))
@@ -507,7 +471,7 @@ def evaluate(
     labels = np.asarray(labels, np.int32)
     if not len(images) or len(images) != len(labels):
         raise ValueError(f"need as many labels as images (> 0); got {len(images)}, {len(labels)}")
-    variables = _replicate(variables, mesh)
+    variables = replicate(variables, mesh)
     out = jax.eval_shape(logits_fn, variables, jax.ShapeDtypeStruct(images[:1].shape, jnp.float32))
     if num_classes is not None and out.shape[-1] != num_classes:
         raise ValueError(f"num_classes={num_classes} but the model outputs {out.shape[-1]} logits")

@@ -1,4 +1,9 @@
-"""Devices and processes: the CPU split into devices, and the multi-process runtime.
+"""Devices and processes: the data-parallel mesh and moving batches onto it, the CPU split
+into devices, and the multi-process runtime.
+
+Everything runs on a 1-D mesh over all devices (axis ``AXIS``): global batches are sharded
+over it (:func:`shard_batch`), variables replicated (:func:`replicate`), results gathered
+back to every host (:func:`gather`).
 
 Both command lines (``samrobust.main``, ``samrobust.evaluate``) take the same flags
 (:func:`define_runtime_flags`) and call :func:`initialize_runtime` before JAX's first
@@ -9,8 +14,16 @@ distributed runtime, after which every process runs the same program on its shar
 every batch.
 """
 
+from typing import Any
+
 import jax
+import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "batch"  # the one mesh axis: data parallelism over every device of every process
 
 
 def set_cpu_devices(n: int | None) -> None:
@@ -34,6 +47,27 @@ CPU_DEVICES_HELP = (
     "Split the host CPU into N XLA devices (default: JAX's); one per core is faster at CIFAR "
     "shapes."
 )
+
+
+def default_mesh() -> Mesh:
+    """A 1-D mesh over every device of every process."""
+    return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """This host's slices of a global batch -> global arrays sharded over ``AXIS``."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def replicate(variables: Any, mesh: Mesh) -> Any:
+    """``variables`` on every device of ``mesh`` (a no-op when they already are)."""
+    return jax.device_put(variables, NamedSharding(mesh, P()))
+
+
+def gather(a: jax.Array) -> np.ndarray:
+    """A global array sharded over ``AXIS`` (all processes) as one numpy array."""
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def define_runtime_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

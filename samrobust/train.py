@@ -30,14 +30,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, evaluate, input_pipeline, models
+from samrobust import attacks, evaluate, input_pipeline, models, parallel
 from samrobust.checkpoint import BEST_METRIC, Checkpointer, PreemptedError, Preemption
 from samrobust.errors import UserError
 from samrobust.metrics import MetricWriter
 from samrobust.sam import sam
 from samrobust.workdir import WorkdirLock
 
-AXIS = evaluate.AXIS
+AXIS = parallel.AXIS
 MODES = ("sgd", "sam", "at", "sam_at")
 LR_SCHEDULES = ("piecewise", "cosine")
 
@@ -63,7 +63,7 @@ class StepOptions:
 
     crop_padding: int = 0
     flip: bool = False
-    attack: evaluate.PGDSpec | None = None  # PGD for adversarial training
+    attack: attacks.PGDSpec | None = None  # PGD for adversarial training
 
 
 def uses_sam(mode: str) -> bool:
@@ -182,16 +182,16 @@ def create_optimizer(
     return optax.chain(*parts)
 
 
-def validation_spec(config: ml_collections.ConfigDict) -> evaluate.PGDSpec:
+def validation_spec(config: ml_collections.ConfigDict) -> attacks.PGDSpec:
     """The PGD budget of evaluation during training: ``config.val_attack``'s fields where
     set, else the run's AT budget (at/sam_at) or Linf 2/255, step 0.5/255, PGD-10."""
     if uses_attack(config.mode):
         a = config.attack
-        default = evaluate.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
+        default = attacks.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
     else:
-        default = evaluate.PGDSpec("linf", 2 / 255, 0.5 / 255, 10)
+        default = attacks.PGDSpec("linf", 2 / 255, 0.5 / 255, 10)
     v = config.val_attack
-    return evaluate.PGDSpec(
+    return attacks.PGDSpec(
         v.norm if v.norm is not None else default.norm,
         v.eps if v.eps is not None else default.eps,
         v.step_size if v.step_size is not None else default.step_size,
@@ -203,7 +203,7 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
     attack = None
     if uses_attack(config.mode):
         a = config.attack
-        attack = evaluate.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
+        attack = attacks.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
     return StepOptions(crop_padding=config.crop_padding, flip=config.flip, attack=attack)
 
 
@@ -459,7 +459,7 @@ def _train_and_evaluate(
         dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
     )
     tx = create_optimizer(config, total_steps)
-    mesh = evaluate.default_mesh()
+    mesh = parallel.default_mesh()
     key = jax.random.key(config.seed)
     init_key, step_key, eval_key = jax.random.split(key, 3)
     state = create_train_state(init_key, model, tx, ds.image_shape, mesh)
@@ -531,7 +531,7 @@ def _train_and_evaluate(
         return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
     for step in range(start_step + 1, total_steps + 1):
-        images, labels = evaluate.shard_batch(mesh, *next(batches))
+        images, labels = parallel.shard_batch(mesh, *next(batches))
         state, metrics = step_fn(state, images, labels, step_key)
         pending.append(metrics)
         stop = preemption.reached(step)

@@ -10,7 +10,7 @@ import pytest
 
 from configs import sam as sam_config
 from configs import sgd as sgd_config
-from samrobust import evaluate, parallel, train
+from samrobust import parallel, train
 
 
 class NoBatchNorm(nn.Module):
@@ -24,7 +24,7 @@ class NoBatchNorm(nn.Module):
 
 
 def mesh_of(n: int) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.asarray(jax.devices()[:n]), (evaluate.AXIS,))
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:n]), (parallel.AXIS,))
 
 
 def run_steps(config, n_devices: int, steps: int = 3):
@@ -36,7 +36,7 @@ def run_steps(config, n_devices: int, steps: int = 3):
     x = jax.random.uniform(jax.random.key(1), (16, 4, 4, 1))
     y = jnp.arange(16) % 3
     for i in range(steps):
-        images, labels = evaluate.shard_batch(mesh, np.asarray(x) + i / 10, np.asarray(y))
+        images, labels = parallel.shard_batch(mesh, np.asarray(x) + i / 10, np.asarray(y))
         state, _ = step(state, images, labels, jax.random.key(2))
     return state
 

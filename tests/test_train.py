@@ -13,7 +13,7 @@ import pytest
 from configs import at as at_config
 from configs import sam_at as sam_at_config
 from configs import sgd as sgd_config
-from samrobust import evaluate, input_pipeline, train
+from samrobust import attacks, input_pipeline, parallel, train
 from samrobust.checkpoint import CheckpointError, config_mismatch
 from tests.helpers import REPO, load_checkpoint, subprocess_env
 
@@ -121,7 +121,7 @@ def test_sam_at_step_matches_independent_two_pass_computation():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
     model = TinyNet()
     tx = train.create_optimizer(config, total_steps=100)
-    options = train.StepOptions(attack=evaluate.PGDSpec("linf", 0.1, 0.04, 3))
+    options = train.StepOptions(attack=attacks.PGDSpec("linf", 0.1, 0.04, 3))
     state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
     x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
     y = jnp.arange(8) % 3
@@ -163,7 +163,7 @@ def test_sam_at_step_matches_independent_two_pass_computation():
 
 def test_per_device_and_synchronised_sam_differ_on_8_devices():
     assert jax.device_count() == 8
-    mesh = evaluate.default_mesh()
+    mesh = parallel.default_mesh()
     model = TinyNet()
     x = jax.random.uniform(jax.random.key(1), (16, 2, 2, 1))
     y = jnp.arange(16) % 3
