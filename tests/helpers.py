@@ -63,6 +63,65 @@ def run_main(
     return proc
 
 
+def start_main(config: str, workdir: str, *overrides: str, stderr=subprocess.DEVNULL):
+    """``samrobust.main`` started in the background (1 device); stdout discarded."""
+    return subprocess.Popen(
+        main_command(config, workdir, *overrides),
+        cwd=REPO,
+        env=subprocess_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+
+
+def run_module(
+    module: str, *args: str, devices: int = 1, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, output captured (no check)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=subprocess_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(command: list[str], timeout: float = 600) -> None:
+    """``command`` as processes 0 and 1 of a 2-process JAX job on 127.0.0.1; both must
+    succeed."""
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                *command,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=subprocess_env(1),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-4000:]
+
+
 def read_results(workdir: str) -> dict:
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)

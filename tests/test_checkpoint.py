@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,7 +13,13 @@ import numpy as np
 import pytest
 
 from samrobust.checkpoint import PreemptedError, Preemption
-from tests.helpers import REPO, TINY, load_checkpoint, main_command, run_main, subprocess_env
+from tests.helpers import (
+    TINY,
+    load_checkpoint,
+    run_main,
+    run_module,
+    start_main,
+)
 
 # 22 steps; a checkpoint every 5 (and at 22), all kept.
 OVERRIDES = [*TINY, "--config.keep_checkpoints=20"]
@@ -84,20 +89,8 @@ def test_evaluate_skips_a_damaged_latest_checkpoint(finished_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     damage(workdir, 22)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "samrobust.evaluate",
-            f"--workdir={workdir}",
-            "--num_examples=16",
-            "--batch_size=16",
-        ],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_module(
+        "samrobust.evaluate", f"--workdir={workdir}", "--num_examples=16", "--batch_size=16"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 22" in proc.stderr and "damaged" in proc.stderr
@@ -132,14 +125,7 @@ def uninterrupted(tmp_path_factory) -> dict:
 def test_signal_saves_the_current_step_and_resume_is_bitwise_equal(tmp_path, signum, uninterrupted):
     overrides = SIGNAL_OVERRIDES
     workdir = str(tmp_path / "stopped")
-    proc = subprocess.Popen(
-        main_command("configs/sam.py:digits", workdir, *overrides),
-        cwd=REPO,
-        env=subprocess_env(1),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_main("configs/sam.py:digits", workdir, *overrides, stderr=subprocess.PIPE)
     _wait_for_metrics(workdir, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)

@@ -3,23 +3,11 @@ traceback, and nothing lost."""
 
 import os
 import subprocess
-import sys
 
 import pytest
 
 from samrobust import errors
-from tests.helpers import REPO, TINY, run_main, subprocess_env
-
-
-def cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from tests.helpers import TINY, run_main, run_module
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
@@ -54,19 +42,21 @@ def test_main_user_errors(tmp_path, finished):
         ),
     ]
     for flags, expected in cases:
-        proc = cli("samrobust.main", "--config=configs/sam.py:digits", f"--workdir={run}", *flags)
+        proc = run_module(
+            "samrobust.main", "--config=configs/sam.py:digits", f"--workdir={run}", *flags
+        )
         assert_one_line_error(proc, *expected)
     assert not os.path.exists(os.path.join(run, "checkpoints"))  # nothing was started
 
-    proc = cli("samrobust.main", "--config=configs/nope.py", f"--workdir={run}")
+    proc = run_module("samrobust.main", "--config=configs/nope.py", f"--workdir={run}")
     assert_one_line_error(proc, "--config:", "No such file", "configs/nope.py")
-    proc = cli("samrobust.main", "--config=configs/sgd.py:digits", f"--workdir={a_file}")
+    proc = run_module("samrobust.main", "--config=configs/sgd.py:digits", f"--workdir={a_file}")
     assert_one_line_error(proc, f"--workdir={a_file} is a file")
     assert a_file.read_text() == "not a directory"
 
     # A checkpoint of another config: named, kept, and the config mismatch in one line.
     before = sorted(os.listdir(os.path.join(finished, "checkpoints")))
-    proc = cli(
+    proc = run_module(
         "samrobust.main",
         "--config=configs/sgd.py:digits",
         f"--workdir={finished}",
@@ -86,15 +76,17 @@ def test_evaluate_user_errors(tmp_path, finished):
         ([f"--workdir={finished}", "--suite=strong"], ["--suite", "paper"]),
     ]
     for flags, expected in cases:
-        assert_one_line_error(cli("samrobust.evaluate", *flags), *expected)
+        assert_one_line_error(run_module("samrobust.evaluate", *flags), *expected)
 
 
-def test_sweep_user_error_through_the_cli(tmp_path):
-    proc = cli(
+def test_sweep_user_error_through_the_run_module(tmp_path):
+    proc = run_module(
         "experiments.sweep", "--grid=smoke", f"--root={tmp_path}", "--dry_run", "--override=rh=1"
     )
     assert_one_line_error(proc, "unknown config key 'rh'")
-    assert_one_line_error(cli("experiments.sweep", "--grid=nope", f"--root={tmp_path}"), "--grid")
+    assert_one_line_error(
+        run_module("experiments.sweep", "--grid=nope", f"--root={tmp_path}"), "--grid"
+    )
 
 
 def test_one_line_joins_lines():

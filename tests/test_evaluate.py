@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from samrobust import evaluate
-from tests.helpers import REPO, TINY, run_main, subprocess_env
+from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env
 
 N = 32  # test examples evaluated
 AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]
@@ -280,7 +280,6 @@ def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_
     """``--coordinator_address`` on 127.0.0.1: 2 processes x 1 device report what 1 process
     x 2 devices (``--cpu_devices=2``) reports, point by point."""
     import shutil
-    import socket
 
     flags = ["--suite=paper", "--num_examples=32", "--batch_size=16", "--unroll=1"]
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
@@ -288,32 +287,7 @@ def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_
         shutil.copytree(run_dir, copy)
     proc = run_evaluate(single, *flags, "--cpu_devices=2", devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "samrobust.evaluate",
-                f"--workdir={multi}",
-                *flags,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=subprocess_env(1),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    run_two_processes([sys.executable, "-m", "samrobust.evaluate", f"--workdir={multi}", *flags])
     reports = [json.load(open(os.path.join(w, "eval_paper.json"))) for w in (single, multi)]
     assert reports[0]["devices"] == reports[1]["devices"] == 2
     assert reports[0]["accuracy"] == reports[1]["accuracy"]

@@ -3,7 +3,6 @@ CIFAR files, and the stratified train/validation subsets."""
 
 import os
 import pickle
-import subprocess
 import sys
 import tarfile
 
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from samrobust import input_pipeline
-from tests.helpers import REPO, read_results, run_main, subprocess_env
+from tests.helpers import REPO, read_results, run_main, run_module
 
 CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
 
@@ -146,22 +145,13 @@ def test_bad_folders_fail_naming_the_path(folder, tmp_path, case):
 def test_bad_folder_through_the_cli_is_one_line(folder, tmp_path):
     root, _ = folder
     expected = break_layout(root, "unreadable")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "samrobust.main",
-            "--config=configs/sgd.py:digits",
-            f"--workdir={tmp_path / 'run'}",
-            "--config.dataset=image_folder",
-            f"--config.data_dir={root}",
-            f"--config.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_module(
+        "samrobust.main",
+        "--config=configs/sgd.py:digits",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.dataset=image_folder",
+        f"--config.data_dir={root}",
+        f"--config.cache_dir={tmp_path / 'cache'}",
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -18,6 +17,8 @@ from tests.helpers import (
     main_command,
     read_results,
     run_main,
+    run_module,
+    run_two_processes,
     subprocess_env,
 )
 
@@ -128,12 +129,6 @@ def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
         np.testing.assert_array_equal(x, y)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
     """jax.distributed on 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices
     (the host CPU split by ``--cpu_devices``)."""
@@ -143,28 +138,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert "2 devices (2 local)" in proc.stderr
 
     multi = str(tmp_path / "multi")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            main_command(
-                "configs/sam.py:digits",
-                multi,
-                *overrides,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            cwd=REPO,
-            env=subprocess_env(1),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
+    run_two_processes(main_command("configs/sam.py:digits", multi, *overrides))
     a, b = load_checkpoint(single), load_checkpoint(multi)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -203,21 +177,12 @@ def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
     assert os.listdir(checkpoint_dir(workdir, "best")) == [str(best)]
     assert int(load_checkpoint(workdir)["step"]) == 3 * steps_per_epoch  # latest = final
 
-    proc = subprocess.run(
-        [
-            main_command("configs/sgd.py:digits", workdir)[0],
-            "-m",
-            "samrobust.evaluate",
-            f"--workdir={workdir}",
-            "--checkpoint=best",
-            "--num_examples=32",
-            "--batch_size=32",
-        ],
-        cwd=REPO,
-        env=subprocess_env(1),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_module(
+        "samrobust.evaluate",
+        f"--workdir={workdir}",
+        "--checkpoint=best",
+        "--num_examples=32",
+        "--batch_size=32",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "eval_paper_best.json")) as f:

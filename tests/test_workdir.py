@@ -10,7 +10,7 @@ import time
 import pytest
 
 from samrobust.workdir import LOCK_NAME, WorkdirLock, WorkdirLockedError
-from tests.helpers import REPO, TINY, main_command, subprocess_env
+from tests.helpers import REPO, TINY, main_command, start_main, subprocess_env
 
 
 def hold_lock(workdir: str) -> subprocess.Popen:
@@ -64,13 +64,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 def test_second_training_process_on_a_workdir_stops_at_once(tmp_path):
     workdir = str(tmp_path / "run")
     overrides = [*TINY, "--config.num_epochs=30"]  # long enough to still run
-    first = subprocess.Popen(
-        main_command("configs/sgd.py:digits", workdir, *overrides),
-        cwd=REPO,
-        env=subprocess_env(1),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_main("configs/sgd.py:digits", workdir, *overrides)
     try:
         deadline = time.time() + 120
         while not os.path.exists(os.path.join(workdir, LOCK_NAME)):
