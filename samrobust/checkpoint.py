@@ -56,16 +56,17 @@ class DamagedCheckpointError(CheckpointError):
         text = (str(cause).splitlines() or [""])[0].split(" See full TensorStore details")[0]
         self.reason = f"{type(cause).__name__}: {text[:160]}"
         super().__init__(
-            f"Checkpoint {where} is unreadable ({self.reason}); no older readable checkpoint "
-            "is kept. Start again in a new --workdir."
+            f"Checkpoint {where} is unreadable ({self.reason}). Evaluate or resume from "
+            "another checkpoint, or start again in a new --workdir."
         )
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """Nested config dicts to dotted keys (tuples as lists)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
@@ -73,7 +74,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_mismatch(saved: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ between two config dicts, resumable keys aside."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_config(saved), flatten_config(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     return [
         f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)
@@ -92,10 +93,11 @@ class Checkpointer:
     ):
         self.directory = checkpoint_dir(workdir, "best" if best else "latest")
         self.config = config
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every_steps, create=True
-        )
-        if best:
+        if not best:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, save_interval_steps=every_steps, create=True
+            )
+        else:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=1,
                 best_fn=lambda m: m[BEST_METRIC],

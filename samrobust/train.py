@@ -31,7 +31,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, evaluate, input_pipeline, models, parallel
-from samrobust.checkpoint import BEST_METRIC, Checkpointer, PreemptedError, Preemption
+from samrobust.checkpoint import (
+    BEST_METRIC,
+    Checkpointer,
+    PreemptedError,
+    Preemption,
+    flatten_config,
+)
 from samrobust.errors import UserError
 from samrobust.metrics import MetricWriter
 from samrobust.sam import sam
@@ -74,14 +80,6 @@ def uses_attack(mode: str) -> bool:
     return mode in ("at", "sam_at")
 
 
-def _flat_items(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """``(dotted key, value)`` of a nested dict."""
-    items = []
-    for k, v in d.items():
-        items += _flat_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
-    return items
-
-
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ``ConfigError`` naming the key and the fix for any invalid value."""
 
@@ -90,7 +88,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             value = functools.reduce(getattr, key.split("."), config)
             raise ConfigError(f"config.{key} = {value!r}: {what} (e.g. --config.{key}={example})")
 
-    for key, value in _flat_items(config.to_dict()):
+    for key, value in flatten_config(config.to_dict()).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config.{key} = {value}: must be a finite number")
     check(config.mode in MODES, "mode", f"must be one of {MODES}", "sam")
