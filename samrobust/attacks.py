@@ -16,6 +16,12 @@ XLA:CPU runs a convolution network's input gradient several times slower inside 
 (passed to ``lax.fori_loop``) removes that overhead; the default, ``None``, unrolls fully on
 CPU and not at all on GPU/TPU, where the loop costs nothing extra and compiles faster.
 ``python -m experiments.bench --sections=pgd`` measures both.
+
+The primitives every attack shares live here too (:mod:`samrobust.autoattack` builds on
+them): norm checks, per-example norms, projection, random starts in the ball and on its
+sphere, the attack losses (CE, CW margin, DLR and their targeted forms),
+:func:`is_adversarial` (the one acceptance rule, with the one tolerance ``VALID_TOL``),
+:class:`PGDSpec` and the radius notation (:func:`format_eps`, :func:`parse_eps`).
 """
 
 import dataclasses
@@ -25,8 +31,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, y) -> scalar to maximise
+LogitsFn = Callable[[jax.Array], jax.Array]  # x -> logits: the model every attack sees
 NORMS = ("linf", "l2")
+VALID_TOL = 1e-6  # slack on ||x_adv - x|| <= eps when accepting an adversarial (AutoAttack's)
+
+
+def check_norm(norm: str) -> None:
+    """Raises ``ValueError`` unless ``norm`` is one of ``NORMS``."""
+    if norm not in NORMS:
+        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -42,10 +56,50 @@ def cw_margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.max(other, axis=1) - true
 
 
+def take(z: jax.Array, idx: jax.Array) -> jax.Array:
+    """``z[b, idx[b]]`` for every row ``b``."""
+    return jnp.take_along_axis(z, idx[:, None], axis=1)[:, 0]
+
+
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Untargeted DLR loss (Croce & Hein 2020, eq. 5), per example.
+
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` with ``pi`` sorting the logits in
+    decreasing order. With 2 classes the denominator is 1 (the DLR loss needs 3 classes).
+    """
+    z = logits.astype(jnp.float32)
+    margin = -cw_margin(z, labels)  # z_y - max_{i != y} z_i
+    if z.shape[-1] < 3:
+        return -margin
+    zs = jnp.sort(z, axis=-1)
+    return -margin / (zs[:, -1] - zs[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(logits: jax.Array, labels: jax.Array, target: jax.Array) -> jax.Array:
+    """Targeted DLR loss, per example: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2 + 1e-12)``.
+
+    With 3 classes the denominator is ``z_pi1 - z_pi3``, with 2 it is 1.
+    """
+    z = logits.astype(jnp.float32)
+    num = take(z, labels) - take(z, target)
+    k = z.shape[-1]
+    if k < 3:
+        return -num
+    zs = jnp.sort(z, axis=-1)
+    den = zs[:, -1] - (0.5 * (zs[:, -3] + zs[:, -4]) if k >= 4 else zs[:, -3])
+    return -num / (den + 1e-12)
+
+
+def ce_targeted_loss(logits: jax.Array, labels: jax.Array, target: jax.Array) -> jax.Array:
+    """Targeted cross-entropy to maximise: ``-CE(z, t)`` (``labels`` unused)."""
+    del labels
+    return -cross_entropy(logits, target)
+
+
 LOSSES = {"ce": cross_entropy, "cw": cw_margin}
 
 
-def input_loss(logits_fn: Callable[[jax.Array], jax.Array], loss: str = "ce") -> LossFn:
+def input_loss(logits_fn: LogitsFn, loss: str = "ce") -> LossFn:
     """Turns ``logits_fn(x)`` into ``loss_fn(x, y)``: the batch sum of a per-example loss.
 
     A sum (not a mean) keeps each example's gradient independent of the batch size.
@@ -56,10 +110,35 @@ def input_loss(logits_fn: Callable[[jax.Array], jax.Array], loss: str = "ce") ->
     return lambda x, y: jnp.sum(per_example(logits_fn(x), y))
 
 
-def _flat_norm(v: jax.Array) -> jax.Array:
+def flat_norm(v: jax.Array) -> jax.Array:
     """Per-example L2 norm, broadcastable against ``v``."""
-    n = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
-    return n
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
+
+
+def perturbation_norm(delta: jax.Array, norm: str) -> jax.Array:
+    """Per-example Linf or L2 norm of ``delta`` (shape ``[B]``)."""
+    flat = delta.reshape(delta.shape[0], -1)
+    if norm == "linf":
+        return jnp.max(jnp.abs(flat), axis=1)
+    return jnp.sqrt(jnp.sum(jnp.square(flat), axis=1))
+
+
+def is_adversarial(
+    logits_adv: jax.Array,
+    y: jax.Array,
+    x: jax.Array,
+    x_adv: jax.Array,
+    *,
+    eps: float,
+    norm: str,
+) -> jax.Array:
+    """The acceptance rule of every attack's result (bool ``[B]``): ``x_adv`` is
+    misclassified (``logits_adv`` are the model's logits at ``x_adv``), within
+    ``eps + VALID_TOL`` of ``x``, inside ``[0, 1]`` and finite."""
+    axes = tuple(range(1, x.ndim))
+    in_box = jnp.all((x_adv >= 0.0) & (x_adv <= 1.0) & jnp.isfinite(x_adv), axis=axes)
+    in_ball = perturbation_norm(x_adv - x, norm) <= eps + VALID_TOL
+    return (jnp.argmax(logits_adv, axis=-1) != y) & in_box & in_ball
 
 
 def project(delta: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
@@ -67,7 +146,7 @@ def project(delta: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array:
     if norm == "linf":
         delta = jnp.clip(delta, -eps, eps)
     else:
-        delta = delta * jnp.minimum(1.0, eps / (_flat_norm(delta) + 1e-12))
+        delta = delta * jnp.minimum(1.0, eps / (flat_norm(delta) + 1e-12))
     return jnp.clip(x + delta, 0.0, 1.0) - x
 
 
@@ -77,16 +156,36 @@ def ball_start(key: jax.Array, x: jax.Array, eps: float, norm: str) -> jax.Array
         return jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
     k_dir, k_rad = jax.random.split(key)
     direction = jax.random.normal(k_dir, x.shape, x.dtype)
-    direction = direction / (_flat_norm(direction) + 1e-12)
+    direction = direction / (flat_norm(direction) + 1e-12)
     radius = jax.random.uniform(k_rad, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype, 0.0, eps)
     return direction * radius
+
+
+def sphere_start(keys: jax.Array, x: jax.Array, norm: str) -> jax.Array:
+    """A random direction of unit norm per example, from per-example ``keys`` (``[B]``):
+    Linf ``t / ||t||_inf`` with ``t`` uniform in ``[-1, 1]^d``; L2 a normalised Gaussian.
+    APGD starts on the sphere ``x + eps * sphere_start(...)``."""
+    shape = x.shape[1:]
+    if norm == "linf":
+        t = jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0))(keys)
+        t = t / (jnp.max(jnp.abs(t), axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-12)
+    else:
+        t = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+        t = t / (flat_norm(t) + 1e-12)
+    return t.astype(x.dtype)
+
+
+def example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+    """One key per example: ``fold_in(key, id)``. Randomness drawn from these depends on the
+    example's ``id`` only, not on which batch or position it is attacked in."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
 def ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
     """Steepest ascent direction of unit norm: ``sign(g)`` (Linf) or ``g / ||g||`` (L2)."""
     if norm == "linf":
         return jnp.sign(grad)
-    return grad / (_flat_norm(grad) + 1e-12)
+    return grad / (flat_norm(grad) + 1e-12)
 
 
 def default_unroll(steps: int) -> int:
@@ -121,8 +220,7 @@ def pgd(
 
     The result carries no gradient (``stop_gradient``).
     """
-    if norm not in NORMS:
-        raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}")
+    check_norm(norm)
     if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, step_size)):
         raise ValueError(f"pgd needs eps, step_size, steps >= 0; got {eps}, {step_size}, {steps}")
     x = jax.lax.stop_gradient(x)
@@ -151,5 +249,38 @@ class PGDSpec:
 
     @property
     def name(self) -> str:
-        scale = 255.0
-        return f"pgd{self.steps}_{self.loss}_{self.norm}_{self.eps * scale:g}/255"
+        """Metric name, e.g. ``pgd10_ce_linf_2/255``."""
+        return f"pgd{self.steps}_{self.loss}_{self.norm}_{format_eps(self.eps)}"
+
+    def describe(self) -> dict:
+        """The budget as a report records it."""
+        return {
+            "attack": f"PGD-{self.steps}",
+            "loss": self.loss,
+            "norm": self.norm,
+            "eps": self.eps,
+            "step_size": self.step_size,
+            "steps": self.steps,
+            "random_start": True,
+        }
+
+
+def format_eps(eps: float) -> str:
+    """A radius for people and metric names: ``0.5``, ``8/255``, ``0.25/255`` (the shorter
+    exact form)."""
+    if abs(eps * 1000 - round(eps * 1000)) < 1e-6:
+        return f"{eps:g}"
+    k = eps * 255
+    return f"{round(k, 2):g}/255" if abs(k * 100 - round(k * 100)) < 1e-4 else f"{eps:g}"
+
+
+def parse_eps(text: str) -> float:
+    """``"8/255"`` or ``"0.031"`` -> float (>= 0)."""
+    num, _, den = text.partition("/")
+    try:
+        eps = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"eps {text!r} is not a number or a fraction like 8/255") from None
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0; got {text!r}")
+    return eps

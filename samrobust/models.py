@@ -8,7 +8,7 @@ PyTorch's BatchNorm momentum 0.1 and epsilon 1e-5 are kept.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -139,7 +139,21 @@ def wide_resnet(
     )
 
 
-MODELS = ("preact_resnet18", "wrn28_10", "wrn34_10")
+# The registry: name -> constructor(num_classes, mean, std, *, width, dtype).
+def _wrn(depth: int) -> Callable[..., nn.Module]:
+    def make(num_classes, mean, std, *, width, dtype):
+        del width  # WideResNet-depth-10 has fixed widths
+        return wide_resnet(depth, 10, num_classes, mean, std, dtype=dtype)
+
+    return make
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "preact_resnet18": preact_resnet18,
+    "wrn28_10": _wrn(28),
+    "wrn34_10": _wrn(34),
+}
+MODELS = tuple(_REGISTRY)
 
 
 def create_model(
@@ -152,8 +166,19 @@ def create_model(
     dtype: Any = jnp.float32,
 ) -> nn.Module:
     """Builds a model by name (one of ``MODELS``). ``width`` only affects PreActResNet."""
-    if name == "preact_resnet18":
-        return preact_resnet18(num_classes, mean, std, width=width, dtype=dtype)
-    if name in ("wrn28_10", "wrn34_10"):
-        return wide_resnet(int(name[3:5]), 10, num_classes, mean, std, dtype=dtype)
-    raise ValueError(f"Unknown model {name!r}; set config.model to one of {MODELS}")
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model {name!r}; set config.model to one of {MODELS}")
+    return _REGISTRY[name](num_classes, mean, std, width=width, dtype=dtype)
+
+
+def from_config(config: Mapping[str, Any], dataset: Any) -> nn.Module:
+    """The model of a run: ``config``'s ``model``, ``width`` and ``half_precision`` (a
+    ConfigDict or its ``config.json``) for ``dataset``'s classes and normalisation."""
+    return create_model(
+        config["model"],
+        dataset.num_classes,
+        dataset.mean,
+        dataset.std,
+        width=config["width"],
+        dtype=jnp.bfloat16 if config["half_precision"] else jnp.float32,
+    )

@@ -14,6 +14,7 @@ distributed runtime, after which every process runs the same program on its shar
 every batch.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -116,3 +117,10 @@ def initialize_runtime(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         jax.process_index(),
         jax.process_count(),
     )
+
+
+def sharded_jit(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any, **jit_kwargs) -> Callable:
+    """``jax.jit(shard_map(fn))`` over ``mesh``: ``fn`` sees each device's shard of the
+    arguments specified ``P(AXIS)`` (and whole copies of those specified ``P()``)."""
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.jit(mapped, **jit_kwargs)

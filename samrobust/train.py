@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, evaluate, input_pipeline, models, parallel
+from samrobust import attacks, input_pipeline, models, parallel, robustness
 from samrobust.checkpoint import (
     BEST_METRIC,
     Checkpointer,
@@ -161,7 +161,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, total_steps: int
+    config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule
 ) -> optax.GradientTransformationExtraArgs:
     """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD.
 
@@ -175,7 +175,7 @@ def create_optimizer(
     parts += [
         optax.stateless(lambda g, _: jax.lax.pmean(g, AXIS)),  # SAM gradients are local
         optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(learning_rate_schedule(config, total_steps), momentum=config.momentum),
+        optax.sgd(learning_rate, momentum=config.momentum),
     ]
     return optax.chain(*parts)
 
@@ -283,14 +283,9 @@ def make_train_step(apply_fn: Any, tx: Any, options: StepOptions, mesh: Mesh):
     global arrays sharded over ``AXIS``, the state replicated.
     """
     step = functools.partial(train_step, apply_fn=apply_fn, tx=tx, options=options)
-    mapped = jax.shard_map(
-        step,
-        mesh=mesh,
-        in_specs=(P(), P(AXIS), P(AXIS), P()),
-        out_specs=(P(), P()),
-        check_vma=False,
+    return parallel.sharded_jit(
+        step, mesh, (P(), P(AXIS), P(AXIS), P()), (P(), P()), donate_argnums=0
     )
-    return jax.jit(mapped, donate_argnums=0)
 
 
 def create_train_state(
@@ -339,10 +334,10 @@ class Validator:
         self.every_epochs = config.eval_every_epochs
         self.batch_size = config.eval_batch_size
         self.mesh, self.key = mesh, key
-        logits_fn = evaluate.model_logits_fn(apply_fn)
+        logits_fn = robustness.model_logits_fn(apply_fn)
         self.fns = {
-            "clean": evaluate.make_correct_fn(logits_fn, None, mesh),
-            "robust": evaluate.make_correct_fn(logits_fn, self.spec, mesh),
+            "clean": robustness.make_correct_fn(logits_fn, None, mesh),
+            "robust": robustness.make_correct_fn(logits_fn, self.spec, mesh),
         }
         self.checkpointer = Checkpointer(workdir, config_dict, every_steps=1, keep=1, best=True)
 
@@ -353,7 +348,7 @@ class Validator:
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         accuracy = {
             name: float(
-                evaluate.correctness(
+                robustness.correctness(
                     fn,
                     variables,
                     self.images,
@@ -448,15 +443,9 @@ def _train_and_evaluate(
     total_steps = config.num_epochs * steps_per_epoch
     is_chief = jax.process_index() == 0
 
-    model = models.create_model(
-        config.model,
-        ds.num_classes,
-        ds.mean,
-        ds.std,
-        width=config.width,
-        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-    )
-    tx = create_optimizer(config, total_steps)
+    model = models.from_config(config, ds)
+    lr_fn = learning_rate_schedule(config, total_steps)
+    tx = create_optimizer(config, lr_fn)
     mesh = parallel.default_mesh()
     key = jax.random.key(config.seed)
     init_key, step_key, eval_key = jax.random.split(key, 3)
@@ -497,7 +486,6 @@ def _train_and_evaluate(
     if eval_every:
         validator = Validator(config, ds, model.apply, mesh, eval_key, workdir, config_dict)
     step_fn = make_train_step(model.apply, tx, step_options(config), mesh)
-    lr_fn = learning_rate_schedule(config, total_steps)
     batches = input_pipeline.prefetch(
         input_pipeline.train_batches(
             ds.train_images,
@@ -594,13 +582,13 @@ def _train_and_evaluate(
     n_eval = config.eval_num_examples if config.eval_num_examples > 0 else len(ds.test_images)
 
     def test_suite(state: TrainState) -> dict[str, Any]:
-        return evaluate.pgd_suite(
-            evaluate.model_logits_fn(model.apply),
+        return robustness.pgd_suite(
+            robustness.model_logits_fn(model.apply),
             {"params": state.params, "batch_stats": state.batch_stats},
             ds.test_images[:n_eval],
             ds.test_labels[:n_eval],
             specs=[
-                dataclasses.replace(s, steps=config.eval_pgd_steps) for s in evaluate.PAPER_SUITE
+                dataclasses.replace(s, steps=config.eval_pgd_steps) for s in robustness.PAPER_SUITE
             ],
             batch_size=config.eval_batch_size,
             seed=config.seed,
@@ -639,9 +627,6 @@ def _train_and_evaluate(
     if is_chief:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-        np.savez_compressed(
-            os.path.join(workdir, "eval_masks.npz"),
-            **{k.replace("/", "_"): v for k, v in report["masks"].items()},
-        )
+        robustness.save_masks(os.path.join(workdir, "eval_masks.npz"), report["masks"])
     logging.info("results: %s", json.dumps(results["accuracy"]))
     return results

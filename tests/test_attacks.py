@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from samrobust.attacks import cross_entropy, cw_margin, input_loss, pgd
+from samrobust.attacks import (
+    cross_entropy,
+    cw_margin,
+    dlr_loss,
+    dlr_targeted_loss,
+    format_eps,
+    input_loss,
+    is_adversarial,
+    parse_eps,
+    pgd,
+)
 
 SHAPE = (4, 3, 3, 2)  # batch of tiny NHWC images
 D = int(np.prod(SHAPE[1:]))
@@ -365,3 +375,46 @@ def test_pgd_invalid_arguments_raise(kw):
 def test_input_loss_unknown_raises():
     with pytest.raises(ValueError, match="loss"):
         input_loss(lambda v: v, "hinge")
+
+
+def test_dlr_losses_match_their_formulas():
+    z = jnp.array([[3.0, 1.0, 2.0, -1.0, 0.5], [0.0, 4.0, 1.0, 2.0, 3.0]])
+    y = jnp.array([0, 2])
+    # sorted: row 0: 3, 2, 1, 0.5, -1 ; row 1: 4, 3, 2, 1, 0
+    np.testing.assert_allclose(dlr_loss(z, y), [-(3 - 2) / (3 - 1), -(1 - 4) / (4 - 2)], rtol=1e-6)
+    t = jnp.array([2, 4])
+    np.testing.assert_allclose(
+        dlr_targeted_loss(z, y, t),
+        [-(3 - 2) / (3 - (1 + 0.5) / 2), -(1 - 3) / (4 - (2 + 1) / 2)],
+        rtol=1e-6,
+    )
+    # Fewer classes: 2 -> the plain margin; targeted with 3 -> z_pi1 - z_pi3.
+    np.testing.assert_allclose(dlr_loss(z[:, :2], jnp.array([0, 0])), [-2.0, 4.0])
+    np.testing.assert_allclose(
+        dlr_targeted_loss(z[:, :3], jnp.array([0, 0]), jnp.array([2, 1])),
+        [-(3 - 2) / (3 - 1), -(0 - 4) / (4 - 0)],
+        rtol=1e-6,
+    )
+
+
+def test_eps_parsing_and_formatting():
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps("0.5") == 0.5
+    for bad in ("abc", "1/0", "-1", "nan"):
+        with pytest.raises(ValueError):
+            parse_eps(bad)
+    assert [format_eps(e) for e in (8 / 255, 0.25 / 255, 0.5, 0.1234567)] == [
+        "8/255",
+        "0.25/255",
+        "0.5",
+        "0.123457",
+    ]
+
+
+def test_is_adversarial_is_the_one_acceptance_rule():
+    x = jnp.full((4, 2), 0.5)
+    logits = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # y = 0 for all
+    x_adv = x.at[0].add(0.1).at[1].add(0.1).at[2].add(0.1 + 2e-6).at[3].set(jnp.nan)
+    ok = is_adversarial(logits, jnp.zeros(4, jnp.int32), x, x_adv, eps=0.1, norm="linf")
+    # fooled within eps (+ VALID_TOL); not misclassified; out of the ball; not finite
+    assert ok.tolist() == [True, False, False, False]

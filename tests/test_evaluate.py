@@ -1,4 +1,5 @@
-"""Tests of ``samrobust.evaluate``: the CLI end to end on a tiny digits run, the Python API.
+"""Tests of ``samrobust.evaluate``, the CLI, end to end on a tiny digits run (and the library
+on the restored run against it).
 
 One tiny training run (``tests.helpers.TINY``) is shared by the module. Attack loops are
 rolled (``unroll=1``) and AutoAttack's budget is reduced: most of the runtime is compilation.
@@ -9,12 +10,10 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samrobust import evaluate
+from samrobust import robustness
 from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env
 
 N = 32  # test examples evaluated
@@ -119,16 +118,16 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
     # Progress: per attack and per AutoAttack batch, with images/s; the default radius.
     log = proc.stderr
     assert "eval pgd20_cw_linf_8/255 batch 1/1" in log and "img/s" in log
-    assert "autoattack apgd-t batch 1/1" in log
+    assert "autoattack apgd-t run 1/9 batch 1/1" in log
     assert "digits has no standard one" in log
 
 
 def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
     """``load_run`` + ``evaluate`` in this process (8 devices too) give the CLI's masks."""
     _, _, cli_masks = full_eval
-    run = evaluate.load_run(run_dir)
+    run = robustness.load_run(run_dir)
     ds = run.dataset
-    report = evaluate.evaluate(
+    report = robustness.evaluate(
         run.logits_fn,
         run.variables,
         ds.test_images[:N],
@@ -143,106 +142,6 @@ def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
     for name in PAPER:
         np.testing.assert_array_equal(report["masks"][name], cli_masks[name.replace("/", "_")])
     assert report["warnings"] == []
-
-
-def linear_logits(variables, x):
-    return x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
-
-
-def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
-    """For a linear model (box inactive) a point is robust iff its distance to the nearest
-    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(16, 5)).astype(np.float32)
-    x = rng.uniform(0.3, 0.7, size=(48, 4, 4, 1)).astype(np.float32)
-    z = x.reshape(48, -1) @ w
-    y = np.argmax(z, axis=1).astype(np.int32)
-    y[:4] = (y[:4] + 1) % 5  # 4 misclassified points
-    dist = np.array(
-        [
-            min(
-                (z[i, y[i]] - z[i, t]) / np.linalg.norm(w[:, y[i]] - w[:, t])
-                for t in range(5)
-                if t != y[i]
-            )
-            for i in range(48)
-        ]
-    )
-    eps = float(np.median(dist[4:]))
-    report = evaluate.evaluate(
-        linear_logits,
-        {"w": w, "b": np.zeros(5, np.float32)},
-        x,
-        y,
-        suite="autoattack",
-        eps=eps,
-        norm="l2",
-        batch_size=16,
-        n_iter=20,
-        n_target_classes=4,
-        n_queries=50,
-        unroll=1,
-    )
-    name = f"autoattack_l2_{evaluate.format_eps(eps)}"
-    assert list(report["accuracy"]) == ["clean", name]
-    clean = report["masks"]["clean"]
-    np.testing.assert_array_equal(clean, np.arange(48) >= 4)
-    np.testing.assert_array_equal(report["masks"][name], clean & (dist > eps))
-    assert report["autoattack"]["max_perturbation"] <= eps + 1e-6
-    # 4 targets is all there are; the only warning is the reduced budget.
-    assert len(report["warnings"]) == 1 and "reduced" in report["warnings"][0]
-
-
-def test_sanity_checks_reach_the_report():
-    """A model returning probabilities is flagged (and evaluated nonetheless)."""
-    rng = np.random.default_rng(1)
-    variables = {"w": rng.normal(size=(16, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
-    x = rng.uniform(0, 1, size=(8, 4, 4, 1)).astype(np.float32)
-    y = np.zeros(8, np.int32)
-    report = evaluate.evaluate(
-        lambda v, xb: jax.nn.softmax(linear_logits(v, xb)),
-        variables,
-        x,
-        y,
-        suite="autoattack",
-        batch_size=8,
-        n_iter=2,
-        n_target_classes=4,
-        n_queries=5,
-        unroll=1,
-    )
-    assert any("probability" in w for w in report["warnings"])
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"suite": "strong"}, "Unknown suite"),
-        ({"suite": "autoattack", "norm": "l1"}, "Unknown norm"),
-        ({"eps": 8 / 255}, "AutoAttack budget"),
-        ({"batch_size": 12}, "multiple of the device count"),
-        ({"num_classes": 10}, "outputs 5 logits"),
-    ],
-)
-def test_invalid_arguments_fail_before_any_attack(kwargs, message):
-    variables = {"w": jnp.ones((16, 5)), "b": jnp.zeros(5)}
-    x = np.zeros((8, 4, 4, 1), np.float32)
-    with pytest.raises(ValueError, match=message):
-        evaluate.evaluate(linear_logits, variables, x, np.zeros(8, np.int32), **kwargs)
-
-
-def test_eps_parsing_and_formatting():
-    assert evaluate.parse_eps("8/255") == pytest.approx(8 / 255)
-    assert evaluate.parse_eps("0.5") == 0.5
-    for bad in ("abc", "1/0", "-1", "nan"):
-        with pytest.raises(ValueError):
-            evaluate.parse_eps(bad)
-    assert [evaluate.format_eps(e) for e in (8 / 255, 0.25 / 255, 0.5, 0.1234567)] == [
-        "8/255",
-        "0.25/255",
-        "0.5",
-        "0.123457",
-    ]
 
 
 def test_cli_errors_name_the_fix(tmp_path, run_dir):

@@ -30,7 +30,7 @@ def mesh_of(n: int) -> jax.sharding.Mesh:
 def run_steps(config, n_devices: int, steps: int = 3):
     mesh = mesh_of(n_devices)
     model = NoBatchNorm()
-    tx = train.create_optimizer(config, total_steps=10)
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10))
     state = train.create_train_state(jax.random.key(0), model, tx, (4, 4, 1), mesh)
     step = train.make_train_step(model.apply, tx, train.StepOptions(), mesh)
     x = jax.random.uniform(jax.random.key(1), (16, 4, 4, 1))

@@ -120,7 +120,7 @@ def test_sam_at_step_matches_independent_two_pass_computation():
     config.attack.update(norm="linf", eps=0.1, step_size=0.04, steps=3)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
     model = TinyNet()
-    tx = train.create_optimizer(config, total_steps=100)
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 100))
     options = train.StepOptions(attack=attacks.PGDSpec("linf", 0.1, 0.04, 3))
     state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
     x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
@@ -170,7 +170,7 @@ def test_per_device_and_synchronised_sam_differ_on_8_devices():
     results = []
     for sync in (False, True):
         config = digits_config(sam_at_config, mode="sam", rho=0.5, sam_sync=sync)
-        tx = train.create_optimizer(config, total_steps=10)
+        tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10))
         state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
         step = train.make_train_step(model.apply, tx, train.StepOptions(), mesh)
         new_state, _ = step(state, x, y, jax.random.key(3))

@@ -1,0 +1,493 @@
+"""The AutoAttack "standard" cascade (the reference's ``autoattack/autoattack.py``): one
+host-side driver, a pluggable runner (one device, or sharded over a mesh).
+
+APGD-CE -> APGD-T -> FAB-T -> Square (:data:`STANDARD_ATTACKS`, budget :class:`Budget`:
+100 iterations, 9 target classes, 5000 queries). Each attack runs only on the points still
+robust; a point is robust only if it is correctly classified and *every* attack failed.
+Every returned point is accepted only by :func:`samrobust.attacks.is_adversarial`
+(misclassified, within ``eps + VALID_TOL``, inside ``[0, 1]``, finite); refused ones are
+counted. The largest accepted perturbation is verified at the end.
+
+How the work is laid out (:func:`autoattack`):
+
+- Every run of an attack (a restart or a target class) takes the points still robust,
+  in batches of at most ``batch_size``; a batch's size is the smallest power-of-two
+  multiple of the runner's device count that holds its points, so few shapes compile and
+  few padded rows are computed.
+- Every ``stage.segment`` iterations the driver reads which points are fooled; when the
+  points left fit a smaller bucket, the fooled ones are harvested and the rest repacked
+  (``compact=True``). Every field of an attack's state is per example and every random
+  draw comes from the example's own key, so this changes no point's result:
+  ``compact=False`` (fixed batches, every run to its end) returns the same robust set.
+- On XLA:CPU the iterations are driven from Python, ``unroll`` steps per jitted call
+  (XLA:CPU runs a convolution network's gradient several times slower inside a ``while``
+  loop); elsewhere each segment is one ``lax.fori_loop`` (unrolled ``unroll`` times).
+- A :class:`Journal` records every finished batch, so an interrupted evaluation resumes
+  where it stopped and ends with the same result.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from samrobust import parallel
+from samrobust.attacks import (
+    VALID_TOL,
+    LogitsFn,
+    check_norm,
+    example_keys,
+    is_adversarial,
+    perturbation_norm,
+)
+from samrobust.autoattack.apgd import stage as apgd_stage
+from samrobust.autoattack.base import Stage
+from samrobust.autoattack.fab import stage as fab_stage
+from samrobust.autoattack.square import stage as square_stage
+
+STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """AutoAttack's budget; the default is the standard protocol's."""
+
+    n_iter: int = 100  # APGD and FAB iterations per run
+    n_target_classes: int = 9  # APGD-T and FAB-T target classes
+    n_queries: int = 5000  # Square queries
+
+    def __post_init__(self):
+        if self.n_iter < 1 or self.n_target_classes < 1 or self.n_queries < 0:
+            raise ValueError(f"invalid AutoAttack budget {self}: n_iter, n_target_classes >= 1")
+
+    @property
+    def standard(self) -> bool:
+        return self == STANDARD_BUDGET
+
+
+STANDARD_BUDGET = Budget()
+
+
+def make_stages(
+    names: Sequence[str], *, eps: float, norm: str, budget: Budget, num_classes: int
+) -> list[Stage]:
+    """The named attacks of the standard protocol as cascade stages."""
+    n_t = min(budget.n_target_classes, num_classes - 1)
+    if n_t < 1:
+        raise ValueError(f"AutoAttack needs at least 2 classes; the model has {num_classes}")
+    make = {
+        "apgd-ce": lambda: apgd_stage(eps=eps, norm=norm, n_iter=budget.n_iter, loss="ce"),
+        "apgd-t": lambda: apgd_stage(
+            eps=eps, norm=norm, n_iter=budget.n_iter, loss="dlr", n_target_classes=n_t
+        ),
+        "fab-t": lambda: fab_stage(eps=eps, norm=norm, n_iter=budget.n_iter, n_target_classes=n_t),
+        "square": lambda: square_stage(eps=eps, norm=norm, n_queries=budget.n_queries),
+    }
+    unknown = [n for n in names if n not in make]
+    if unknown:
+        raise ValueError(f"Unknown attacks {unknown}; choose from {STANDARD_ATTACKS}")
+    return [make[n]() for n in names]
+
+
+@dataclasses.dataclass
+class AutoAttackResult:
+    """``x_adv``: the accepted adversarial of each fooled point, ``x`` for the others.
+    ``robust`` / ``clean``: bool ``[N]``. ``stages``: attack -> robust mask after it (the
+    last equals ``robust``). ``attacked``, ``seconds`` (wall, compilation included),
+    ``rejected``: per attack. ``max_perturbation``: largest ``||x_adv - x||``."""
+
+    x_adv: np.ndarray
+    robust: np.ndarray
+    clean: np.ndarray
+    stages: dict[str, np.ndarray]
+    max_perturbation: float
+    attacked: dict[str, int]
+    seconds: dict[str, float]
+    rejected: dict[str, int]
+    resumed: int = 0  # batches taken from a journal
+
+    @property
+    def robust_accuracy(self) -> float:
+        return float(np.mean(self.robust))
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(np.mean(self.clean))
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: where the jitted pieces run
+# --------------------------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    """Runs ``fn(logits_fn, batch_tree, *scalars) -> batch_tree`` on batches whose size is a
+    multiple of ``multiple``; ``put``/``get`` move global host batches in and out."""
+
+    multiple: int
+
+    def put(self, tree: Tree) -> Tree: ...
+
+    def get(self, tree: Tree) -> Tree: ...
+
+    def jit(self, fn: Callable, logits_fn: LogitsFn, n_scalars: int) -> Callable: ...
+
+
+def _bind(jitted: Callable, fn: Callable, logits_fn: LogitsFn) -> Callable:
+    """A pytree model (``jax.tree_util.Partial``) is a traced argument, so its parameters are
+    not baked into the executable; any other callable is closed over."""
+    if isinstance(logits_fn, jax.tree_util.Partial):
+        return functools.partial(jitted(fn), logits_fn)
+    return jitted(lambda *args: fn(logits_fn, *args))
+
+
+class Local:
+    """One device: plain ``jax.jit``."""
+
+    multiple = 1
+
+    def put(self, tree: Tree) -> Tree:
+        return jax.device_put(tree)
+
+    def get(self, tree: Tree) -> Tree:
+        return jax.tree.map(np.asarray, tree)
+
+    def jit(self, fn: Callable, logits_fn: LogitsFn, n_scalars: int) -> Callable:
+        return _bind(jax.jit, fn, logits_fn)
+
+
+class Sharded:
+    """Every batch split over ``mesh`` (all processes feed their slice of the same global
+    batch); the model replicated."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.multiple = mesh.size
+
+    def put(self, tree: Tree) -> Tree:
+        pc, pi = jax.process_count(), jax.process_index()
+
+        def one(a):
+            per = len(a) // pc
+            return parallel.shard_batch(self.mesh, a[pi * per : (pi + 1) * per])[0]
+
+        return jax.tree.map(one, tree)
+
+    def get(self, tree: Tree) -> Tree:
+        return jax.tree.map(parallel.gather, tree)
+
+    def jit(self, fn: Callable, logits_fn: LogitsFn, n_scalars: int) -> Callable:
+        def jitted(f):
+            if isinstance(logits_fn, jax.tree_util.Partial):
+                specs = (P(), P(parallel.AXIS)) + (P(),) * n_scalars
+            else:
+                specs = (P(parallel.AXIS),) + (P(),) * n_scalars
+            return parallel.sharded_jit(f, self.mesh, specs, P(parallel.AXIS))
+
+        return _bind(jitted, fn, logits_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# A journal of finished batches (resumable evaluations)
+# --------------------------------------------------------------------------------------------
+
+
+class Journal:
+    """Finished batches of one evaluation, one small ``.npz`` per batch under
+    ``directory/<settings hash>/`` (local or any epath, e.g. gs://), written by process 0.
+    Evaluations with other settings (points, labels, budget, seed...) use other folders."""
+
+    def __init__(self, directory: str | epath.Path, settings: dict[str, Any]):
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        self.path = epath.Path(directory) / digest[:16]
+        self.settings = settings
+        self.writer = jax.process_index() == 0
+
+    def _name(self, stage: str, run: int, batch: int) -> str:
+        return f"{stage}_run{run:03d}_batch{batch:05d}.npz"
+
+    def load(self, stage: str, run: int) -> list[dict[str, np.ndarray]]:
+        """The recorded batches of ``stage``'s run ``run``, in order."""
+        out = []
+        while (p := self.path / self._name(stage, run, len(out))).exists():
+            with np.load(io.BytesIO(p.read_bytes())) as f:
+                out.append(dict(f))
+        return out
+
+    def record(self, stage: str, run: int, batch: int, **arrays: np.ndarray) -> None:
+        if not self.writer:
+            return
+        if batch == 0 and run == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "settings.json").write_text(json.dumps(self.settings, indent=2))
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        tmp = self.path / f".{self._name(stage, run, batch)}.tmp"
+        tmp.write_bytes(buf.getvalue())
+        tmp.rename(self.path / self._name(stage, run, batch))
+
+    def remove(self) -> None:
+        """Deletes the journal (once its evaluation's report is written)."""
+        if self.writer and self.path.exists():
+            self.path.rmtree()
+
+
+# --------------------------------------------------------------------------------------------
+# The cascade
+# --------------------------------------------------------------------------------------------
+
+
+def default_unroll() -> int:
+    """Iterations per jitted call on CPU (measured: ``python -m experiments.bench
+    --sections=autoattack``); the ``fori_loop`` unroll elsewhere."""
+    return 2 if jax.default_backend() == "cpu" else 1
+
+
+class _StageFns:
+    """The jitted pieces of one stage, compiled on first use per batch shape."""
+
+    def __init__(self, stage: Stage, runner: Runner, logits_fn: LogitsFn, eps, norm, unroll):
+        self.stage, self.runner, self.logits_fn, self.unroll = stage, runner, logits_fn, unroll
+
+        def init(lf, b, key_data, j):
+            keys = example_keys(jax.random.wrap_key_data(key_data), b["ids"])
+            return stage.init(lf, b["x"], b["y"], keys, j)
+
+        def check(lf, s):
+            ok = is_adversarial(lf(s["adv"]), s["y"], s["x"], s["adv"], eps=eps, norm=norm)
+            return {"fooled": s["fooled"], "valid": ok}
+
+        def loop(lf, s, i0, i1):
+            body = lambda i, c: stage.step(lf, c, i)  # noqa: E731
+            return jax.lax.fori_loop(i0, i1, body, s, unroll=unroll)
+
+        self.init = runner.jit(init, logits_fn, 2)
+        self.check = runner.jit(check, logits_fn, 0)
+        self.loop = runner.jit(loop, logits_fn, 2)
+        self.blocks: dict[int, Callable] = {}
+
+    def block(self, k: int) -> Callable:
+        if k not in self.blocks:
+
+            def steps(lf, s, i0):
+                for t in range(k):
+                    s = self.stage.step(lf, s, i0 + t)
+                return s
+
+            self.blocks[k] = self.runner.jit(steps, self.logits_fn, 1)
+        return self.blocks[k]
+
+    def advance(self, s: Tree, i: int, stop: int, host_loop: bool) -> Tree:
+        if not host_loop:
+            return self.loop(s, jnp.int32(i), jnp.int32(stop))
+        for i0 in range(i, stop, self.unroll):
+            s = self.block(min(self.unroll, stop - i0))(s, jnp.int32(i0))
+        return s
+
+
+def _bucket(n: int, cap: int, multiple: int) -> int:
+    size = multiple
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+def _attack_batch(
+    fns: _StageFns,
+    x: np.ndarray,
+    y: np.ndarray,
+    chunk: np.ndarray,
+    key_data: jax.Array,
+    j: int,
+    *,
+    cap: int,
+    compact: bool,
+    host_loop: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One run of a stage on the points ``chunk``: (fooled points, their adversarials,
+    refused count)."""
+    st, runner = fns.stage, fns.runner
+    size = _bucket(len(chunk), cap, runner.multiple) if compact else cap
+    rows = np.resize(chunk, size)
+    live = np.arange(size) < len(chunk)
+    state = fns.init(
+        runner.put({"x": x[rows], "y": y[rows], "ids": rows.astype(np.int32)}),
+        key_data,
+        jnp.int32(j),
+    )
+    fooled_pts, advs, refused, i = [], [], 0, 0
+    while True:
+        stop = min(i + st.segment, st.n_steps) if compact else st.n_steps
+        state = fns.advance(state, i, stop, host_loop)
+        i = stop
+        flags = runner.get(fns.check(state))
+        left = live & ~flags["fooled"]
+        finished = i >= st.n_steps or not left.any()
+        if not (finished or _bucket(int(left.sum()), cap, runner.multiple) < size):
+            continue
+        done = live & flags["fooled"]
+        if done.any():
+            accept = done & flags["valid"]
+            refused += int(np.sum(done & ~flags["valid"]))
+            fooled_pts.append(rows[accept])
+            advs.append(runner.get(state["adv"])[accept])
+        if finished:
+            break
+        pos = np.flatnonzero(left)
+        size = _bucket(len(pos), cap, runner.multiple)
+        pos = np.resize(pos, size)
+        state = runner.put({k: v[pos] for k, v in runner.get(state).items()})
+        rows = rows[pos]
+        live = np.arange(size) < int(left.sum())
+    if not fooled_pts:
+        return np.zeros(0, np.int64), x[:0], refused
+    return np.concatenate(fooled_pts), np.concatenate(advs), refused
+
+
+def autoattack(
+    logits_fn: LogitsFn,
+    x: np.ndarray,
+    y: np.ndarray,
+    key: jax.Array,
+    *,
+    eps: float,
+    norm: str = "linf",
+    budget: Budget = STANDARD_BUDGET,
+    attacks: Sequence[str] = STANDARD_ATTACKS,
+    **options: Any,
+) -> AutoAttackResult:
+    """AutoAttack "standard" on ``logits_fn(x) -> logits`` (see the module docstring):
+    :func:`run_cascade` of the ``attacks`` (a sub-sequence of the standard ones) at
+    ``budget``. ``options``: those of :func:`run_cascade`.
+
+    Pass a model with parameters as ``jax.tree_util.Partial(apply_fn, variables)``: they are
+    then an argument of the jitted attacks, not constants baked into them.
+    """
+    check_norm(norm)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0; got {eps}")
+    x = np.asarray(x, np.float32)
+    num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x[:1].shape, x.dtype)).shape[-1]
+    stages = make_stages(attacks, eps=eps, norm=norm, budget=budget, num_classes=num_classes)
+    return run_cascade(logits_fn, x, y, key, stages, eps=eps, norm=norm, **options)
+
+
+def run_cascade(
+    logits_fn: LogitsFn,
+    x: np.ndarray,
+    y: np.ndarray,
+    key: jax.Array,
+    stages: Sequence[Stage],
+    *,
+    eps: float,
+    norm: str,
+    batch_size: int = 250,
+    runner: Runner | None = None,
+    unroll: int | None = None,
+    compact: bool = True,
+    journal: Journal | None = None,
+) -> AutoAttackResult:
+    """The cascade of ``stages`` on the host; each stage attacks the points still robust.
+
+    ``runner``: :class:`Local` (default) or :class:`Sharded`; ``batch_size`` must divide by
+    its device count. ``unroll``: iterations per jitted call on CPU, the ``fori_loop``
+    unroll elsewhere (default :func:`default_unroll`). ``compact=False`` keeps fixed batches
+    and runs every run to its end (for comparison). ``journal``: records finished batches
+    and resumes from them.
+    """
+    runner = runner or Local()
+    if batch_size < 1 or batch_size % runner.multiple:
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of the device count "
+            f"{runner.multiple}"
+        )
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int32)
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"need as many labels as images; got {len(y)} and {n}")
+    unroll = default_unroll() if unroll is None else unroll
+    host_loop = jax.default_backend() == "cpu"
+    cap = min(batch_size, _bucket(n, batch_size, runner.multiple))
+
+    predict = runner.jit(lambda lf, b: jnp.argmax(lf(b["x"]), axis=-1) == b["y"], logits_fn, 0)
+    clean = np.zeros(n, bool)
+    for start in range(0, n, cap):
+        idx = np.resize(np.arange(start, min(start + cap, n)), cap)
+        clean[idx] = runner.get(predict(runner.put({"x": x[idx], "y": y[idx]})))
+    robust, x_adv = clean.copy(), x.copy()
+    result = AutoAttackResult(x_adv, robust, clean, {}, 0.0, {}, {}, {})
+    for si, st in enumerate(stages):
+        fns = _StageFns(st, runner, logits_fn, eps, norm, unroll)
+        result.attacked[st.name] = int(robust.sum())
+        result.rejected[st.name] = 0
+        t0 = time.perf_counter()
+        for j in range(st.n_runs):
+            todo = np.flatnonzero(robust)
+            records = journal.load(st.name, j) if journal else []
+            for rec in records:
+                todo = np.setdiff1d(todo, rec["attacked"])
+                robust[rec["fooled"]] = False
+                x_adv[rec["fooled"]] = rec["adv"]
+                result.rejected[st.name] += int(rec["refused"])
+            result.resumed += len(records)
+            run_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, si), j))
+            n_batches = -(-len(todo) // cap)
+            for bi in range(n_batches):
+                chunk = todo[bi * cap : (bi + 1) * cap]
+                fooled, adv, refused = _attack_batch(
+                    fns, x, y, chunk, run_key, j, cap=cap, compact=compact, host_loop=host_loop
+                )
+                robust[fooled] = False
+                x_adv[fooled] = adv
+                result.rejected[st.name] += refused
+                if journal:
+                    journal.record(
+                        st.name,
+                        j,
+                        len(records) + bi,
+                        attacked=chunk,
+                        fooled=fooled,
+                        adv=adv,
+                        refused=np.int64(refused),
+                    )
+                logging.info(
+                    "autoattack %s run %d/%d batch %d/%d: fooled %d of %d; robust accuracy "
+                    "%.4f (%.0f s)",
+                    st.name,
+                    j + 1,
+                    st.n_runs,
+                    bi + 1,
+                    n_batches,
+                    len(fooled),
+                    len(chunk),
+                    robust.mean(),
+                    time.perf_counter() - t0,
+                )
+        result.seconds[st.name] = time.perf_counter() - t0
+        result.stages[st.name] = robust.copy()
+        logging.info(
+            "autoattack after %-7s robust accuracy %.4f (%d points attacked in %.1f s)",
+            st.name,
+            robust.mean(),
+            result.attacked[st.name],
+            result.seconds[st.name],
+        )
+    dist = np.asarray(perturbation_norm(jnp.asarray(x_adv - x), norm)) if n else np.zeros(1)
+    result.max_perturbation = float(dist.max())
+    if not (result.max_perturbation <= eps + VALID_TOL and np.all((x_adv >= 0) & (x_adv <= 1))):
+        raise RuntimeError(f"AutoAttack accepted an invalid point (max {result.max_perturbation})")
+    return result

@@ -1,0 +1,226 @@
+"""FAB-T (Croce & Hein, ICML 2020, arXiv 1907.02044, Alg. 1, targeted version): the
+reference's ``autoattack/fab_pt.py``.
+
+For a target class ``t``: ``n_iter`` steps that linearise ``z_t - z_y`` at the iterate,
+project both the iterate and ``x`` onto that hyperplane within ``[0, 1]``
+(:func:`project_hyperplane_box`), step to the convex combination with weight
+``alpha = min(|d1| / (|d1| + |d2|), alpha_max)`` on the projection of ``x``, extrapolated
+by ``eta``, and, once adversarial, pull back towards ``x`` by ``beta``. Restart 0 starts at
+``x`` (the standard protocol uses one); later restarts at a random point at distance
+``eps / 2``. :func:`stage` is FAB-T as a cascade stage (a run per target class; a point
+counts as fooled once its smallest adversarial is within ``eps``); :func:`fab_targeted`
+the stand-alone, jittable attack, also as a minimum-norm attack (``eps=None``).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from samrobust.attacks import (
+    LogitsFn,
+    check_norm,
+    example_keys,
+    perturbation_norm,
+    sphere_start,
+    take,
+)
+from samrobust.autoattack.base import Stage, State, bwhere, run, target_classes
+
+
+def project_hyperplane_box(t: jax.Array, w: jax.Array, c: jax.Array, norm: str) -> jax.Array:
+    """Minimal-norm ``d`` with ``<w, d> = c`` and ``0 <= t + d <= 1`` (rows of ``[B, D]``).
+
+    The optimum moves every coordinate in the direction ``sign(c w_i)`` by ``min(tau, u_i)``
+    (Linf) or ``min(tau |w_i|, u_i)`` (L2, the KKT point), ``u_i`` being the room left in the
+    box, with the smallest ``tau`` that reaches the hyperplane. ``<w, d>`` is piecewise
+    linear and increasing in ``tau``, so sorting the breakpoints and taking cumulative sums
+    gives ``tau`` exactly (the reference's ``projection_linf/l2`` do the same). If the box
+    does not reach the hyperplane, ``d`` goes to the box's furthest corner (as the reference).
+    """
+    sign = jnp.sign(c)[:, None] * jnp.sign(w)
+    room = jnp.maximum(jnp.where(sign > 0, 1.0 - t, t), 0.0)
+    absw = jnp.abs(w)
+    active = absw > 0
+    if norm == "linf":
+        a, brk = absw, room
+    else:
+        a, brk = jnp.square(absw), room / jnp.where(active, absw, 1.0)
+    a, brk = jnp.where(active, a, 0.0), jnp.where(active, brk, 0.0)
+    order = jnp.argsort(brk, axis=1)
+    a_s = jnp.take_along_axis(a, order, axis=1)
+    b_s = jnp.take_along_axis(brk, order, axis=1)
+    saturated = jnp.cumsum(a_s * b_s, axis=1) - a_s * b_s  # sum over breakpoints before k
+    slope = jnp.sum(a_s, axis=1, keepdims=True) - (jnp.cumsum(a_s, axis=1) - a_s)
+    reach = saturated + b_s * slope  # <w, d> at tau = k-th breakpoint
+    goal = jnp.abs(c)
+    ok = reach >= goal[:, None]
+    k = jnp.argmax(ok, axis=1)
+    tau = (goal - take(saturated, k)) / jnp.maximum(take(slope, k), 1e-30)
+    tau = jnp.where(jnp.any(ok, axis=1), jnp.maximum(tau, 0.0), jnp.inf)
+    move = jnp.minimum(tau[:, None], brk)
+    if norm == "l2":
+        move = jnp.where(active, jnp.minimum(move * absw, room), 0.0)
+    return jnp.where(active, sign * move, 0.0)
+
+
+def _init(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    keys: jax.Array,
+    j: jax.Array,
+    *,
+    eps: float | None,
+    norm: str,
+    n_restarts: int,
+) -> State:
+    x = jax.lax.stop_gradient(x)
+    start = x
+    if n_restarts > 1:  # restart 0 starts at x, the others at random points
+        away = jnp.clip(x + 0.5 * eps * sphere_start(keys, x, norm), 0.0, 1.0)
+        start = jnp.where(j % n_restarts > 0, away, x)
+    b = x.shape[0]
+    return dict(
+        x=x,
+        y=y,
+        target=target_classes(logits_fn(x), j // n_restarts),
+        x1=start.reshape(b, -1),
+        adv=x,
+        best=jnp.full((b,), jnp.inf, jnp.float32),
+        fooled=jnp.zeros((b,), bool),
+    )
+
+
+def _step(
+    logits_fn: LogitsFn,
+    s: State,
+    i: jax.Array,
+    *,
+    eps: float | None,
+    norm: str,
+    alpha_max: float,
+    eta: float,
+    beta: float,
+) -> State:
+    del i
+    x, y, target = s["x"], s["y"], s["target"]
+    b = x.shape[0]
+    x0 = x.reshape(b, -1)
+
+    def diff(xf):
+        z = logits_fn(xf.reshape(x.shape))
+        f = take(z, target) - take(z, y)  # > 0 once the target beats the true class
+        return jnp.sum(f), f
+
+    w, f = jax.grad(diff, has_aux=True)(s["x1"])
+    x1 = s["x1"]
+    d1 = project_hyperplane_box(x1, w, -f, norm)
+    d2 = project_hyperplane_box(x0, w, -f + jnp.sum(w * (x1 - x0), axis=1), norm)
+    a1 = jnp.maximum(perturbation_norm(d1, norm), 1e-8)
+    a2 = jnp.maximum(perturbation_norm(d2, norm), 1e-8)
+    alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
+    x1 = jnp.clip((x1 + eta * d1) * (1.0 - alpha) + (x0 + eta * d2) * alpha, 0.0, 1.0)
+    is_adv = jnp.argmax(logits_fn(x1.reshape(x.shape)), axis=-1) != y
+    dist = perturbation_norm(x1 - x0, norm)
+    better = is_adv & (dist < s["best"])
+    best = jnp.where(better, dist, s["best"])
+    return dict(
+        s,
+        x1=jnp.where(is_adv[:, None], x0 + (x1 - x0) * beta, x1),
+        adv=bwhere(better, x1.reshape(x.shape), s["adv"]),
+        best=best,
+        fooled=best <= (jnp.inf if eps is None else eps),
+    )
+
+
+def stage(
+    *,
+    eps: float | None,
+    norm: str,
+    n_iter: int = 100,
+    n_target_classes: int = 9,
+    n_restarts: int = 1,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+) -> Stage:
+    """FAB-T as a cascade stage: a run per target class and restart."""
+    check_norm(norm)
+    if n_iter < 1 or n_restarts < 1 or n_target_classes < 1:
+        raise ValueError(
+            f"fab needs n_iter, n_restarts, n_target_classes >= 1; got {n_iter}, "
+            f"{n_restarts}, {n_target_classes}"
+        )
+    if eps is None and n_restarts > 1:
+        raise ValueError("fab_targeted random restarts need eps")
+    return Stage(
+        name="fab-t",
+        n_runs=n_target_classes * n_restarts,
+        n_steps=n_iter,
+        init=functools.partial(_init, eps=eps, norm=norm, n_restarts=n_restarts),
+        step=functools.partial(_step, eps=eps, norm=norm, alpha_max=alpha_max, eta=eta, beta=beta),
+        segment=max(n_iter // 10, 1),
+    )
+
+
+def fab_targeted(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float | None,
+    norm: str = "linf",
+    n_iter: int = 100,
+    n_target_classes: int = 9,
+    n_restarts: int = 1,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    unroll: int = 1,
+) -> jax.Array:
+    """FAB-T over the ``min(n_target_classes, num_classes - 1)`` most likely wrong classes.
+
+    With ``eps`` (AutoAttack) a target class is tried only while some point is not yet
+    fooled within ``eps``, and points whose smallest adversarial is farther than ``eps`` are
+    returned as ``x``. With ``eps=None`` it returns the smallest adversarial over all
+    targets (``x`` where none was found). Clean-misclassified points are returned as ``x``.
+    """
+    x = jax.lax.stop_gradient(x)
+    clean_logits = logits_fn(x)
+    n_t = min(n_target_classes, clean_logits.shape[-1] - 1)
+    if n_t < 1:
+        raise ValueError("fab_targeted needs at least 2 classes and n_target_classes >= 1")
+    st = stage(
+        eps=eps,
+        norm=norm,
+        n_iter=n_iter,
+        n_target_classes=n_t,
+        n_restarts=n_restarts,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+    )
+    attackable = jnp.argmax(clean_logits, axis=-1) == y
+    ids = jnp.arange(x.shape[0])
+
+    def open_(best):  # still to attack: not yet fooled within eps (eps=None: every point)
+        return attackable & (best > (-1.0 if eps is None else eps))
+
+    def attack(j, carry):
+        adv, best = carry
+        s = run(st, logits_fn, x, y, example_keys(jax.random.fold_in(key, j), ids), j, unroll)
+        take_it = open_(best) & (s["best"] < best)
+        return bwhere(take_it, s["adv"], adv), jnp.where(take_it, s["best"], best)
+
+    def body(j, carry):
+        skip = ~jnp.any(open_(carry[1]))
+        return jax.lax.cond(skip, lambda c: c, functools.partial(attack, j), carry)
+
+    init = (x, jnp.where(attackable, jnp.inf, 0.0).astype(jnp.float32))
+    adv, best = jax.lax.fori_loop(0, st.n_runs, body, init)
+    keep = attackable & (best < jnp.inf)
+    if eps is not None:
+        keep = keep & (best <= eps)
+    return jax.lax.stop_gradient(bwhere(keep, adv, x))

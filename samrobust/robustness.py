@@ -1,0 +1,608 @@
+"""Robustness evaluation, the library: clean accuracy, PGD and AutoAttack of any
+``apply_fn`` + variables, and of a training run's checkpoints.
+
+Suites (test inputs in ``[0, 1]``, model in eval mode, every attack data parallel over all
+devices, per-example masks kept so that runs can be compared point by point):
+
+- ``paper`` (the paper's protocol): clean accuracy and PGD-10 with random start at
+  Linf 1/255 (step 0.25/255), Linf 2/255 (0.5/255), L2 16/255 (2/255), L2 32/255 (4/255).
+- ``autoattack``: clean accuracy and AutoAttack "standard" (APGD-CE, APGD-T, FAB-T, Square;
+  :mod:`samrobust.autoattack`) at ``eps`` in ``norm``. Defaults: Linf 8/255, L2 0.5 (the
+  RobustBench CIFAR budgets, also used for SVHN and, for want of one, the digits).
+- ``full``: ``paper`` + ``autoattack`` + PGD-20 with random start and step eps/4, on the
+  cross-entropy and on the Carlini-Wagner margin, at Linf 4/255 and 8/255.
+
+Accuracy under PGD is the accuracy at the final iterate (the paper's metric). Under
+AutoAttack a point is robust if it is correctly classified and no attack returned an
+adversarial that :func:`samrobust.attacks.is_adversarial` accepts; the cascade runs over
+all devices (:class:`samrobust.autoattack.Sharded`) and, given a journal directory,
+records every finished batch so that an interrupted evaluation resumes. The reference's
+sanity checks end every suite (:func:`samrobust.autoattack.sanity_checks`); findings go to
+``logging.warning`` and to the report's ``warnings``, as do a reduced AutoAttack budget and
+refused adversarials.
+
+Python, on any model::
+
+  report = evaluate(model_logits_fn(model.apply), variables, images, labels,
+                    suite="autoattack", eps=8 / 255, norm="linf")
+  report["accuracy"]  # {"clean": ..., "autoattack_linf_8/255": ...}
+
+:func:`load_run` restores a training run (``samrobust.main``) for it; ``python -m
+samrobust.evaluate`` is the command line.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from samrobust import attacks, input_pipeline, models, parallel
+from samrobust import autoattack as aa
+from samrobust.attacks import PGDSpec, format_eps
+from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
+from samrobust.errors import UserError
+from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
+SUITES = ("paper", "autoattack", "full")
+DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
+
+PAPER_SUITE = (
+    PGDSpec("linf", 1 / 255, 0.25 / 255),
+    PGDSpec("linf", 2 / 255, 0.5 / 255),
+    PGDSpec("l2", 16 / 255, 2 / 255),
+    PGDSpec("l2", 32 / 255, 4 / 255),
+)
+FULL_EXTRA = tuple(
+    PGDSpec("linf", e / 255, e / 4 / 255, steps=20, loss=loss)
+    for e in (4, 8)
+    for loss in ("ce", "cw")
+)
+SUITE_PGD = {"paper": PAPER_SUITE, "autoattack": (), "full": PAPER_SUITE + FULL_EXTRA}
+
+
+def model_logits_fn(apply_fn: Callable) -> ApplyFn:
+    """Eval-mode logits of a Flax model with BatchNorm: ``apply_fn(variables, x, train=False)``."""
+    return lambda variables, x: apply_fn(variables, x, train=False)
+
+
+# --------------------------------------------------------------------------------------------
+# PGD
+# --------------------------------------------------------------------------------------------
+
+
+def make_correct_fn(
+    logits_fn: ApplyFn, spec: PGDSpec | None, mesh: Mesh, unroll: int | None = None
+) -> Callable:
+    """Jitted ``(variables, x, y, key) -> per-example correctness`` under ``spec`` (None: clean).
+
+    ``eps`` and ``step_size`` are traced, so budgets that share norm, steps and loss share
+    one compiled program. ``unroll``: PGD's ``fori_loop`` unroll (None: ``attacks.pgd``'s).
+    """
+    if spec is None:
+        return functools.partial(
+            _correct_fn(logits_fn, None, None, None, None, mesh), eps=0.0, step_size=0.0
+        )
+    return functools.partial(
+        _correct_fn(logits_fn, spec.norm, spec.steps, spec.loss, unroll, mesh),
+        eps=spec.eps,
+        step_size=spec.step_size,
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh):
+    def local(variables, x, y, key, eps, step_size):
+        if norm is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+            loss_fn = attacks.input_loss(lambda z: logits_fn(variables, z), loss)
+            x = attacks.pgd(
+                loss_fn,
+                x,
+                y,
+                key,
+                eps=eps,
+                step_size=step_size,
+                steps=steps,
+                norm=norm,
+                unroll=unroll,
+            )
+        return jnp.argmax(logits_fn(variables, x), axis=-1) == y
+
+    mapped = parallel.sharded_jit(
+        local,
+        mesh,
+        (P(), P(AXIS), P(AXIS), P(), P(), P()),
+        P(AXIS),
+    )
+    return jax.jit(
+        lambda variables, x, y, key, *, eps, step_size: mapped(
+            variables, x, y, key, jnp.float32(eps), jnp.float32(step_size)
+        )
+    )
+
+
+def correctness(
+    correct_fn: Callable,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    mesh: Mesh,
+    name: str | None = None,
+) -> np.ndarray:
+    """Per-example correctness (bool array over ``images``) of a ``make_correct_fn`` function.
+
+    With ``name``, logs progress after the first batch and then at most every 10 s: batch,
+    accuracy so far, images/s.
+    """
+    out, n_correct, start, logged = [], 0, time.perf_counter(), -np.inf
+    n_batches = -(-len(images) // batch_size)
+    batches = input_pipeline.eval_batches(
+        images,
+        labels,
+        batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    for i, (x, y, _) in enumerate(batches):
+        c = correct_fn(variables, *shard_batch(mesh, x, y), jax.random.fold_in(key, i))
+        out.append(gather(c)[: len(images) - i * batch_size])
+        n_correct += int(out[-1].sum())
+        now = time.perf_counter()
+        if name and now - logged >= 10:
+            logged, done = now, min((i + 1) * batch_size, len(images))
+            logging.info(
+                "eval %s batch %d/%d: accuracy %.4f so far (%.0f img/s)",
+                name,
+                i + 1,
+                n_batches,
+                n_correct / done,
+                done / (now - start),
+            )
+    return np.concatenate(out)
+
+
+def pgd_suite(
+    logits_fn: ApplyFn,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    specs: Sequence[PGDSpec] = PAPER_SUITE,
+    batch_size: int = 256,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    unroll: int | None = None,
+) -> dict[str, Any]:
+    """Clean and PGD accuracies; returns ``{"accuracy": {...}, "masks": {...}, "images_per_s"}``.
+
+    ``batch_size`` is global and must divide by the device count. ``unroll``: see
+    :func:`make_correct_fn`.
+    """
+    mesh = mesh or default_mesh()
+    variables = replicate(variables, mesh)
+    key = jax.random.key(seed)
+    accuracy, masks, rates = {}, {}, {}
+    for spec in (None, *specs):
+        name = "clean" if spec is None else spec.name
+        fn = make_correct_fn(logits_fn, spec, mesh, unroll)
+        correctness(
+            fn,
+            variables,
+            images[:batch_size],
+            labels[:batch_size],
+            key,
+            batch_size=batch_size,
+            mesh=mesh,
+        )  # compile outside the timing
+        start = time.perf_counter()
+        mask = correctness(
+            fn, variables, images, labels, key, batch_size=batch_size, mesh=mesh, name=name
+        )
+        rates[name] = len(images) / (time.perf_counter() - start)
+        accuracy[name], masks[name] = float(mask.mean()), mask
+        logging.info("eval %-28s accuracy %.4f  (%.0f img/s)", name, accuracy[name], rates[name])
+    return {"accuracy": accuracy, "masks": masks, "images_per_s": rates}
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack
+# --------------------------------------------------------------------------------------------
+
+
+def autoattack_suite(
+    logits_fn: ApplyFn,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    eps: float,
+    norm: str = "linf",
+    budget: aa.Budget = aa.STANDARD_BUDGET,
+    batch_size: int = 256,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    unroll: int | None = None,
+    journal: aa.Journal | None = None,
+) -> aa.AutoAttackResult:
+    """AutoAttack "standard" with every batch split over ``mesh``
+    (:func:`samrobust.autoattack.autoattack` with a :class:`~samrobust.autoattack.Sharded`
+    runner); ``batch_size`` is global."""
+    mesh = mesh or default_mesh()
+    model = jax.tree_util.Partial(logits_fn, replicate(variables, mesh))
+    return aa.autoattack(
+        model,
+        images,
+        labels,
+        jax.random.fold_in(jax.random.key(seed), 1),  # not PGD's stream
+        eps=eps,
+        norm=norm,
+        budget=budget,
+        batch_size=batch_size,
+        runner=aa.Sharded(mesh),
+        unroll=unroll,
+        journal=journal,
+    )
+
+
+def journal_settings(images: np.ndarray, labels: np.ndarray, **settings: Any) -> dict[str, Any]:
+    """What makes two AutoAttack evaluations the same (a :class:`~samrobust.autoattack.
+    Journal` resumes only the same one): the points (hashed) and ``settings``."""
+    digest = hashlib.sha256(np.ascontiguousarray(images, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(labels, np.int32).tobytes())
+    return {"points": digest.hexdigest(), "num_examples": len(images), **settings}
+
+
+# --------------------------------------------------------------------------------------------
+# Suites
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    logits_fn: ApplyFn,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    suite: str = "paper",
+    eps: float | None = None,
+    norm: str | None = None,
+    num_classes: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+    budget: aa.Budget = aa.STANDARD_BUDGET,
+    unroll: int | None = None,
+    journal_dir: str | epath.Path | None = None,
+) -> dict[str, Any]:
+    """Runs ``suite`` (see the module docstring) on ``logits_fn(variables, x) -> logits``.
+
+    ``eps``/``norm`` set the AutoAttack budget (default Linf 8/255 or L2 0.5; not allowed for
+    ``paper``). ``num_classes`` is checked against the model's output (inferred if None).
+    ``batch_size`` is global and must divide by the device count; a non-standard ``budget``
+    is warned about. ``unroll``: PGD's ``fori_loop`` unroll (None: full on CPU) and
+    AutoAttack's (:func:`samrobust.autoattack.cascade.default_unroll`). ``journal_dir``: where
+    AutoAttack records finished batches, to resume an interrupted evaluation.
+    Returns a dict: ``accuracy`` and ``images_per_s`` (by attack name, ``clean`` first),
+    ``attacks`` (each name's budget), ``masks`` (per-example bool arrays; AutoAttack's also
+    after each of its attacks, as ``<name>/<attack>``), ``autoattack`` (details, unless
+    ``paper``), ``warnings``, and the settings.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"Unknown suite {suite!r}; choose one of {SUITES}")
+    if suite == "paper" and (eps is not None or norm is not None):
+        raise ValueError("eps and norm set the AutoAttack budget: use suite='autoattack' or 'full'")
+    norm = norm or "linf"
+    attacks.check_norm(norm)
+    eps = DEFAULT_EPS[norm] if eps is None else eps
+    mesh = mesh or default_mesh()
+    if batch_size <= 0 or batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of the device count {mesh.size}"
+        )
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if not len(images) or len(images) != len(labels):
+        raise ValueError(f"need as many labels as images (> 0); got {len(images)}, {len(labels)}")
+    variables = replicate(variables, mesh)
+    out = jax.eval_shape(logits_fn, variables, jax.ShapeDtypeStruct(images[:1].shape, jnp.float32))
+    if num_classes is not None and out.shape[-1] != num_classes:
+        raise ValueError(f"num_classes={num_classes} but the model outputs {out.shape[-1]} logits")
+    num_classes = out.shape[-1]
+
+    specs = SUITE_PGD[suite]
+    pgd = pgd_suite(
+        logits_fn,
+        variables,
+        images,
+        labels,
+        specs=specs,
+        batch_size=batch_size,
+        seed=seed,
+        mesh=mesh,
+        unroll=unroll,
+    )
+    report: dict[str, Any] = {
+        "suite": suite,
+        "num_examples": len(images),
+        "num_classes": num_classes,
+        "batch_size": batch_size,
+        "seed": seed,
+        "devices": mesh.size,
+        "unroll": unroll,
+        "accuracy": pgd["accuracy"],
+        "images_per_s": pgd["images_per_s"],
+        "attacks": {"clean": {"attack": "none"}} | {s.name: s.describe() for s in specs},
+        "masks": pgd["masks"],
+    }
+    warnings = []
+    result = None
+    if suite != "paper":
+        budget_dict = dataclasses.asdict(budget)
+        journal = None
+        if journal_dir is not None:
+            settings = journal_settings(
+                images, labels, eps=eps, norm=norm, seed=seed, **budget_dict
+            )
+            journal = aa.Journal(journal_dir, settings)
+        result = autoattack_suite(
+            logits_fn,
+            variables,
+            images,
+            labels,
+            eps=eps,
+            norm=norm,
+            budget=budget,
+            batch_size=batch_size,
+            seed=seed,
+            mesh=mesh,
+            unroll=unroll,
+            journal=journal,
+        )
+        name = f"autoattack_{norm}_{format_eps(eps)}"
+        total_s = sum(result.seconds.values())
+        report["accuracy"][name] = result.robust_accuracy
+        report["images_per_s"][name] = len(images) / total_s if total_s else None
+        report["attacks"][name] = {
+            "attack": "AutoAttack",
+            "version": "standard",
+            "norm": norm,
+            "eps": eps,
+            **budget_dict,
+        }
+        report["masks"][name] = result.robust
+        report["masks"].update({f"{name}/{k}": v for k, v in result.stages.items()})
+        report["autoattack"] = {
+            "name": name,
+            "stages": {k: float(v.mean()) for k, v in result.stages.items()},
+            "max_perturbation": result.max_perturbation,
+            "images_per_s": {
+                k: result.attacked[k] / s if result.attacked[k] and s else None
+                for k, s in result.seconds.items()
+            },
+            "seconds": result.seconds,
+            "attacked": result.attacked,
+            "rejected": result.rejected,
+            "resumed_batches": result.resumed,
+        }
+        if journal is not None:
+            report["autoattack"]["journal"] = str(journal.path)
+        if not budget.standard:
+            warnings.append(
+                f"reduced AutoAttack budget {budget_dict} (standard: "
+                f"{dataclasses.asdict(aa.STANDARD_BUDGET)}): not the standard protocol; the robust "
+                "accuracy may be over-estimated"
+            )
+        if sum(result.rejected.values()):
+            warnings.append(
+                f"attacks returned misclassified points outside the eps-ball or "
+                f"[0, 1], rejected: {result.rejected}"
+            )
+    pgd_acc = [report["accuracy"][s.name] for s in specs]
+    warnings += aa.sanity_checks(
+        jax.tree_util.Partial(logits_fn, variables),
+        images,
+        labels,
+        result=result,
+        robust_accuracy=max(pgd_acc) if pgd_acc else None,
+        n_target_classes=budget.n_target_classes,
+        attacks=aa.STANDARD_ATTACKS if result is not None else (),
+        batch_size=batch_size,
+    )
+    for w in warnings:
+        logging.warning("sanity check: %s", w)
+    report["warnings"] = warnings
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs and reports
+# --------------------------------------------------------------------------------------------
+
+
+class EvaluationError(UserError, RuntimeError):
+    """A workdir cannot be evaluated; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run's checkpoint, ready to evaluate."""
+
+    workdir: str
+    config: dict[str, Any]
+    step: int
+    logits_fn: ApplyFn
+    variables: Any
+    dataset: input_pipeline.Dataset
+
+
+def parse_checkpoint(text: str) -> str | int:
+    """``best``, ``latest`` or a step number, as ``--checkpoint`` takes it."""
+    if text in ("best", "latest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"{text!r} is not best, latest or a step number (e.g. --checkpoint=best)")
+
+
+def _restore(workdir: str, mesh: Mesh, checkpoint: str | int) -> tuple[int, dict[str, Any]]:
+    """(step, ``{"params", "batch_stats"}``) of checkpoint ``best``, ``latest`` or a step,
+    replicated on ``mesh``."""
+    kind = "best" if checkpoint == "best" else "latest"
+    directory = checkpoint_dir(workdir, kind)
+    if kind == "best":
+        missing = EvaluationError(
+            f"No best checkpoint in {directory}: the run did not evaluate during training. "
+            "Train with --config.eval_every_epochs=N (and --config.val_examples=M), or pass "
+            "--checkpoint=latest."
+        )
+    else:
+        missing = EvaluationError(
+            f"No checkpoint in {directory}: the run has not saved one yet. Train (or resume) "
+            f"it until it saves one, e.g. python -m samrobust.main "
+            f"--config=configs/sam.py:digits --workdir={workdir} (checkpoints every "
+            "--config.checkpoint_every_steps steps and at the end)."
+        )
+    step = checkpoint if isinstance(checkpoint, int) else None
+    try:
+        found = read_state(workdir, NamedSharding(mesh, P()), step, kind)
+    except FileNotFoundError as e:
+        raise EvaluationError(f"--checkpoint={checkpoint}: {e}") from e
+    except Exception as e:  # orbax raises many types for damaged files
+        raise CheckpointError(
+            f"The {checkpoint} checkpoint in {directory} is unreadable ({type(e).__name__}: "
+            f"{e}). Delete that step's directory to evaluate the previous checkpoint, or "
+            "train again."
+        ) from e
+    if found is None:
+        raise missing
+    step, state = found
+    return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
+
+
+def load_run(
+    workdir: str,
+    *,
+    data_dir: str | None = None,
+    mesh: Mesh | None = None,
+    checkpoint: str | int = "latest",
+) -> Run:
+    """A checkpoint (``best``, ``latest`` or a step) of the ``samrobust.main`` run in
+    ``workdir`` (local or e.g. gs://), its model (from ``workdir/config.json``) and its
+    dataset (``data_dir`` overrides the run's)."""
+    path = epath.Path(workdir)
+    if not path.is_dir():
+        raise EvaluationError(
+            f"--workdir={workdir} does not exist. Pass the --workdir of a training run, or "
+            f"train one: python -m samrobust.main --config=configs/sam.py:digits "
+            f"--workdir={workdir}"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise EvaluationError(
+            f"{config_path} not found: {workdir} is not a samrobust training run. Pass the "
+            "--workdir given to samrobust.main (it holds config.json and checkpoints/)."
+        )
+    config = json.loads(config_path.read_text())
+    step, variables = _restore(workdir, mesh or default_mesh(), checkpoint)
+    ds = input_pipeline.load(
+        config["dataset"], data_dir or config.get("data_dir"), cache_dir=config.get("cache_dir")
+    )
+    model = models.from_config(config, ds)
+    return Run(workdir, config, step, model_logits_fn(model.apply), variables, ds)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table, with the run, the AutoAttack details and warnings."""
+    lines = [f"# Robustness evaluation: `{report['suite']}` suite", ""]
+    run = report.get("run")
+    if run:
+        lines.append(
+            f"Run `{run['workdir']}` (checkpoint step {run['step']}): {run['mode']}, "
+            f"{run['model']} (width {run['width']}) on {run['dataset']}."
+        )
+    lines += [
+        f"{report['num_examples']} test examples, batch {report['batch_size']}, seed "
+        f"{report['seed']}, {report['devices']} devices. PGD images/s exclude compilation, "
+        "AutoAttack's include it.",
+        "",
+        "| attack | norm | eps | accuracy | img/s |",
+        "|:--|:--|--:|--:|--:|",
+    ]
+    for name, acc in report["accuracy"].items():
+        a = report["attacks"][name]
+        rate = report["images_per_s"][name]
+        rate = f"{rate:.0f}" if rate else "-"
+        if name == "clean":
+            what, norm, eps = "clean", "", ""
+        elif a["attack"] == "AutoAttack":
+            what = f"AutoAttack standard (n_iter {a['n_iter']}, n_queries {a['n_queries']})"
+            norm, eps = a["norm"], format_eps(a["eps"])
+        else:
+            what = f"{a['attack']} {a['loss'].upper()}, step {format_eps(a['step_size'])}"
+            norm, eps = a["norm"], format_eps(a["eps"])
+        lines.append(f"| {what} | {norm} | {eps} | {100 * acc:.2f}% | {rate} |")
+        if name == report.get("autoattack", {}).get("name"):
+            details = report["autoattack"]
+            for stage, stage_acc in details["stages"].items():
+                stage_rate = details["images_per_s"][stage]
+                stage_rate = f"{stage_rate:.0f}" if stage_rate else "-"
+                lines.append(
+                    f"| &nbsp;&nbsp;after {stage} | {norm} | {eps} | "
+                    f"{100 * stage_acc:.2f}% | {stage_rate} |"
+                )
+    if "autoattack" in report:
+        lines += [
+            "",
+            f"Largest AutoAttack perturbation: {report['autoattack']['max_perturbation']:.6g} "
+            f"({report['attacks'][report['autoattack']['name']]['norm']}); all adversarials "
+            "checked against eps and [0, 1].",
+        ]
+    lines += ["", "Warnings:" if report["warnings"] else "No sanity-check warnings."]
+    lines += [f"- {w}" for w in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def report_stem(suite: str, checkpoint: str | int = "latest") -> str:
+    """``eval_<suite>`` for the latest checkpoint, ``eval_<suite>_best`` for the best one,
+    ``eval_<suite>_step<N>`` for step N."""
+    if checkpoint == "latest":
+        return f"eval_{suite}"
+    return (
+        f"eval_{suite}_{checkpoint}" if checkpoint == "best" else f"eval_{suite}_step{checkpoint}"
+    )
+
+
+def save_masks(path: str | epath.Path, masks: Mapping[str, np.ndarray]) -> None:
+    """Per-example masks as ``.npz``, keyed by metric name with ``/`` written as ``_``."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k.replace("/", "_"): v for k, v in masks.items()})
+    epath.Path(path).write_bytes(buf.getvalue())
+
+
+def write_report(
+    workdir: str, report: dict[str, Any], checkpoint: str | int = "latest"
+) -> list[str]:
+    """Writes ``<stem>.json``, ``.md`` and ``_masks.npz`` to ``workdir`` (:func:`report_stem`);
+    their paths."""
+    stem = epath.Path(workdir) / report_stem(report["suite"], checkpoint)
+    paths = [stem.with_name(stem.name + s) for s in (".json", ".md", "_masks.npz")]
+    paths[0].write_text(json.dumps({k: v for k, v in report.items() if k != "masks"}, indent=2))
+    paths[1].write_text(markdown(report))
+    save_masks(paths[2], report["masks"])
+    return [str(p) for p in paths]

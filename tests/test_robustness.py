@@ -1,0 +1,93 @@
+"""Tests of ``samrobust.robustness``, the evaluation library: exact AutoAttack robust sets
+through the sharded suite, sanity checks in the report, argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samrobust import robustness
+from samrobust.attacks import format_eps
+from samrobust.autoattack import Budget
+
+
+def linear_logits(variables, x):
+    return x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
+
+
+def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
+    """For a linear model (box inactive) a point is robust iff its distance to the nearest
+    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 5)).astype(np.float32)
+    x = rng.uniform(0.3, 0.7, size=(48, 4, 4, 1)).astype(np.float32)
+    z = x.reshape(48, -1) @ w
+    y = np.argmax(z, axis=1).astype(np.int32)
+    y[:4] = (y[:4] + 1) % 5  # 4 misclassified points
+    dist = np.array(
+        [
+            min(
+                (z[i, y[i]] - z[i, t]) / np.linalg.norm(w[:, y[i]] - w[:, t])
+                for t in range(5)
+                if t != y[i]
+            )
+            for i in range(48)
+        ]
+    )
+    eps = float(np.median(dist[4:]))
+    report = robustness.evaluate(
+        linear_logits,
+        {"w": w, "b": np.zeros(5, np.float32)},
+        x,
+        y,
+        suite="autoattack",
+        eps=eps,
+        norm="l2",
+        batch_size=16,
+        budget=Budget(n_iter=20, n_target_classes=4, n_queries=50),
+        unroll=1,
+    )
+    name = f"autoattack_l2_{format_eps(eps)}"
+    assert list(report["accuracy"]) == ["clean", name]
+    clean = report["masks"]["clean"]
+    np.testing.assert_array_equal(clean, np.arange(48) >= 4)
+    np.testing.assert_array_equal(report["masks"][name], clean & (dist > eps))
+    assert report["autoattack"]["max_perturbation"] <= eps + 1e-6
+    # 4 targets is all there are; the only warning is the reduced budget.
+    assert len(report["warnings"]) == 1 and "reduced" in report["warnings"][0]
+
+
+def test_sanity_checks_reach_the_report():
+    """A model returning probabilities is flagged (and evaluated nonetheless)."""
+    rng = np.random.default_rng(1)
+    variables = {"w": rng.normal(size=(16, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    x = rng.uniform(0, 1, size=(8, 4, 4, 1)).astype(np.float32)
+    y = np.zeros(8, np.int32)
+    report = robustness.evaluate(
+        lambda v, xb: jax.nn.softmax(linear_logits(v, xb)),
+        variables,
+        x,
+        y,
+        suite="autoattack",
+        batch_size=8,
+        budget=Budget(n_iter=2, n_target_classes=4, n_queries=5),
+        unroll=1,
+    )
+    assert any("probability" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"suite": "strong"}, "Unknown suite"),
+        ({"suite": "autoattack", "norm": "l1"}, "Unknown norm"),
+        ({"eps": 8 / 255}, "AutoAttack budget"),
+        ({"batch_size": 12}, "multiple of the device count"),
+        ({"num_classes": 10}, "outputs 5 logits"),
+    ],
+)
+def test_invalid_arguments_fail_before_any_attack(kwargs, message):
+    variables = {"w": jnp.ones((16, 5)), "b": jnp.zeros(5)}
+    x = np.zeros((8, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match=message):
+        robustness.evaluate(linear_logits, variables, x, np.zeros(8, np.int32), **kwargs)
