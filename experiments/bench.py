@@ -36,6 +36,9 @@ import numpy as np
 
 from configs import default as default_config
 from samrobust import attacks, input_pipeline, models, parallel, robustness, train
+from samrobust.autoattack.apgd import stage as apgd_stage
+from samrobust.autoattack.fab import stage as fab_stage
+from samrobust.autoattack.square import stage as square_stage
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -257,6 +260,58 @@ def bench_pgd(args) -> list[dict]:
     return rows
 
 
+def bench_attack_steps(args) -> list[dict]:
+    """AutoAttack's per-iteration cost against one jitted input gradient (APGD, FAB) or one
+    jitted forward pass (Square), on a random-init model and random CIFAR-shaped points:
+    ``u`` iterations per jitted call driven from Python (the cascade on CPU) for u = 1, 2,
+    4, and all of them in one ``lax.fori_loop`` (the cascade elsewhere)."""
+    model = bench_model(args)
+    x = jax.random.uniform(jax.random.key(0), (args.batch, 32, 32, 3))
+    variables = jax.jit(lambda: model.init(jax.random.key(1), x[:1], train=False))()
+    logits_fn = jax.tree_util.Partial(robustness.model_logits_fn(model.apply), variables)
+    y = jnp.argmax(jax.jit(logits_fn)(x), axis=-1)
+    keys = attacks.example_keys(jax.random.key(2), jnp.arange(args.batch))
+    loss_fn = attacks.input_loss(logits_fn)
+    _, grad_s = timed(jax.jit(jax.value_and_grad(loss_fn)), x, y, repeats=args.steps)
+    _, fwd_s = timed(jax.jit(logits_fn), x, repeats=args.steps)
+    n = 4 * args.steps  # iterations per timing
+    stages = {
+        "apgd": (apgd_stage(eps=8 / 255, norm="linf", n_iter=n), grad_s),
+        "fab": (fab_stage(eps=8 / 255, norm="linf", n_iter=n, n_target_classes=1), grad_s),
+        "square": (square_stage(eps=8 / 255, norm="linf", n_queries=n), fwd_s),
+    }
+    rows = []
+    for name, (stage, base_s) in stages.items():
+        state = jax.jit(stage.init)(logits_fn, x, y, keys, jnp.int32(0))
+        row = {"attack": name, "base": "gradient" if base_s is grad_s else "forward"}
+        row["base_ms"] = 1e3 * base_s
+        for u in (1, 2, 4):
+
+            def block(lf, s, i0, u=u, stage=stage):
+                for t in range(u):
+                    s = stage.step(lf, s, i0 + t)
+                return s
+
+            fn = jax.jit(block)
+
+            def host_loop(s, fn=fn, u=u):
+                for i in range(0, n, u):
+                    s = fn(logits_fn, s, jnp.int32(i))
+                return s
+
+            _, s_ = timed(host_loop, state, repeats=1)
+            row[f"host_u{u}_ms"] = 1e3 * s_ / n
+            row[f"host_u{u}_vs_base"] = s_ / n / base_s
+        loop = jax.jit(
+            lambda lf, s, stage=stage: jax.lax.fori_loop(0, n, lambda i, c: stage.step(lf, c, i), s)
+        )
+        _, s_ = timed(loop, logits_fn, state, repeats=1)
+        row["fori_loop_ms"] = 1e3 * s_ / n
+        row["fori_loop_vs_base"] = s_ / n / base_s
+        rows.append(row)
+    return rows
+
+
 def bench_eval(args) -> dict:
     """Images/s of the paper's PGD-10 budget (compilation excluded) and of AutoAttack
     standard (compilation included).
@@ -360,7 +415,7 @@ def main() -> None:
     p.add_argument(
         "--sections",
         default="train,pgd,eval,input",
-        help="any of train,pgd,eval,input,profile (profile: XLA op time by kind)",
+        help="any of train,pgd,attack_steps,eval,input,profile (profile: XLA op time by kind)",
     )
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--json", default=None, help="write the figures here")
@@ -421,6 +476,16 @@ def main() -> None:
                 f"({r['rolled_vs_grad']:.2f}x), default unroll {r['default_ms_per_step']:.2f} "
                 f"({r['default_vs_grad']:.2f}x), gradient {r['grad_ms']:.2f}"
             )
+    if "attack_steps" in sections:
+        result["attack_steps"] = bench_attack_steps(args)
+        print("\nAutoAttack ms per iteration (x one jitted gradient / forward pass):")
+        for r in result["attack_steps"]:
+            cells = ", ".join(
+                f"{k[:-3]} {r[k]:.2f} ({r[k[:-3] + '_vs_base']:.2f}x)"
+                for k in r
+                if k.endswith("_ms") and k != "base_ms"
+            )
+            print(f"  {r['attack']:7}{r['base']} {r['base_ms']:.2f}; {cells}")
     if "eval" in sections:
         result["eval"] = bench_eval(args)
         print("\nevaluation images/s:", {k: round(v, 1) for k, v in result["eval"].items()})

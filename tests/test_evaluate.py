@@ -193,3 +193,51 @@ def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_
     masks = [np.load(os.path.join(w, "eval_paper_masks.npz")) for w in (single, multi)]
     for key in masks[0].files:
         np.testing.assert_array_equal(masks[0][key], masks[1][key])
+
+
+@pytest.mark.slow
+def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, tmp_path):
+    """SIGKILL an ``--suite=autoattack`` evaluation once its journal holds a few batches;
+    the same command again finishes from there (taking over the dead process's lock) and
+    writes what an uninterrupted evaluation writes."""
+    import shutil
+    import signal
+    import time
+
+    flags = ["--suite=autoattack", "--num_examples=64", "--batch_size=16", *AA_FAST]
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    for copy in (whole, killed):
+        shutil.copytree(run_dir, copy)
+    proc = run_evaluate(whole, *flags, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    journal = os.path.join(killed, "eval_autoattack_journal")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "samrobust.evaluate", f"--workdir={killed}", *flags],
+        cwd=REPO,
+        env=subprocess_env(1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        done = [f for _, _, fs in os.walk(journal) for f in fs if f.endswith(".npz")]
+        if len(done) >= 3:
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, "the evaluation ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not os.path.exists(os.path.join(killed, "eval_autoattack.json"))
+
+    proc = run_evaluate(killed, *flags, devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stale" in proc.stderr  # the killed process's lock
+    reports = [json.load(open(os.path.join(w, "eval_autoattack.json"))) for w in (whole, killed)]
+    assert reports[1]["autoattack"]["resumed_batches"] >= 3
+    assert reports[0]["accuracy"] == reports[1]["accuracy"]
+    assert reports[0]["autoattack"]["stages"] == reports[1]["autoattack"]["stages"]
+    masks = [np.load(os.path.join(w, "eval_autoattack_masks.npz")) for w in (whole, killed)]
+    for key in masks[0].files:
+        np.testing.assert_array_equal(masks[0][key], masks[1][key])
+    assert not os.path.exists(journal)  # removed once the report is written
