@@ -1,0 +1,577 @@
+"""The reference AutoAttack (fra31/auto-attack) against samrobust's, on the same network.
+
+  python -m experiments.aa_reference --workdir=RUN_DIR [--checkpoint=latest|best|STEP] \\
+      --norm=linf --eps=8/255 --num_examples=500 --batch_size=250 \\
+      [--out=experiments/results/aa_reference/NAME.json] [--budget=standard|reduced] \\
+      [--attacks=apgd-ce,apgd-t] [--n_iter=N] [--n_target_classes=N] [--n_queries=N] [--seed=0]
+
+Needs ``pip install -e '.[reference]'`` (torch CPU + ``pyautoattack``, the reference code
+packaged; it imports as ``pyautoattack``, not ``autoattack``). Loads a ``samrobust.main``
+run's checkpoint, copies its weights into the torch PreActResNet of
+:mod:`experiments.torch_preact`, and stops (exit 1) unless the two models' logits agree to
+``--tol`` (1e-4 max abs) on every evaluated point. Then, on the same first N test points:
+
+- ours: ``samrobust.autoattack.autoattack`` on ``Partial(run.logits_fn, run.variables)``
+  (wall time with compilation; compilation alone from ``jax.monitoring``'s trace, lowering
+  and XLA compile spans, merged);
+- the reference: ``pyautoattack.AutoAttack(version="standard")``, its four attack objects
+  run as its ``run_standard_evaluation`` cascade does (same calls, seeds and order, on the
+  points still robust, in batches of ``--batch_size``), so the robust mask after every stage
+  is kept; the input checks of ``run_standard_evaluation`` are not run. As in the reference,
+  a point counts as fooled when the torch model misclassifies the returned point (ours also
+  requires it inside the ball and ``[0, 1]``); with logits ~1e-5 apart, only points within
+  that margin of the decision boundary can be judged differently by the two models.
+
+The two run one after the other (ours first) in one process; both use all cores (torch:
+``--torch_threads``). Per-stage times: the reference's measured here, ours from the
+result's ``seconds`` (compilation included).
+
+Writes ``--out`` (JSON), the same path with ``.md`` (table) and ``_masks.npz`` (per-point
+masks: ``clean_ours``, ``ours_<stage>``, ``reference_<stage>``...): robust accuracy after each
+stage for both, final robust accuracies, per-point agreement of the robust masks (and the
+indices robust under only one), wall times and their ratio, N, norm, eps, model, checkpoint
+step, machine, versions, date and the command. ``--budget=reduced`` (10 iterations, 3 target
+classes, 100 queries), ``--attacks`` or any ``--n_*`` flag is a quick look: the output then
+says NON-STANDARD everywhere.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+import samrobust.autoattack as samrobust_aa
+from experiments.torch_preact import from_flax, nhwc_to_nchw, torch_logits
+from samrobust.robustness import Run, load_run
+
+STAGES = tuple(samrobust_aa.STANDARD_ATTACKS)  # apgd-ce, apgd-t, fab-t, square
+REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
+RESULTS_DIR = os.path.join("experiments", "results", "aa_reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """AutoAttack's budget; the standard one is 100 iterations, 9 targets, 5000 queries."""
+
+    n_iter: int = 100
+    n_target_classes: int = 9
+    n_queries: int = 5000
+    attacks: tuple[str, ...] = STAGES
+
+    @property
+    def standard(self) -> bool:
+        return self == Budget()
+
+    def describe(self) -> str:
+        text = (
+            f"{'+'.join(self.attacks)}; n_iter={self.n_iter}, "
+            f"n_target_classes={self.n_target_classes}, n_queries={self.n_queries}"
+        )
+        return text if self.standard else f"NON-STANDARD ({text})"
+
+
+REDUCED = Budget(n_iter=10, n_target_classes=3, n_queries=100)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_eps(text: str) -> float:
+    """``8/255`` or ``0.5`` -> float."""
+    num, _, den = text.partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
+# --------------------------------------------------------------------------------------------
+# samrobust's side: the run and our AutoAttack (the only calls into samrobust's API)
+# --------------------------------------------------------------------------------------------
+
+
+def load(workdir: str, checkpoint: str) -> Run:
+    """The training run (config, step, logits_fn, variables, dataset) at ``latest``,
+    ``best`` or a step number."""
+    return load_run(workdir, checkpoint=int(checkpoint) if checkpoint.isdigit() else checkpoint)
+
+
+def run_ours(
+    run: Run,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    norm: str,
+    eps: float,
+    seed: int,
+    batch_size: int,
+    budget: Budget,
+) -> samrobust_aa.AutoAttackResult:
+    """samrobust's AutoAttack cascade (``clean``, ``robust``, ``stages``: attack -> robust
+    mask after it, ``seconds``: attack -> wall time, ``max_perturbation``)."""
+    return samrobust_aa.autoattack(
+        jax.tree_util.Partial(run.logits_fn, run.variables),
+        x,
+        y,
+        jax.random.key(seed),
+        eps=eps,
+        norm=norm,
+        budget=samrobust_aa.Budget(
+            n_iter=budget.n_iter,
+            n_target_classes=budget.n_target_classes,
+            n_queries=budget.n_queries,
+        ),
+        attacks=budget.attacks,
+        batch_size=batch_size,
+    )
+
+
+def ours_logits(run: Run, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The Flax model's eval-mode logits on NHWC ``x``."""
+    fn = jax.jit(run.logits_fn)
+    out = [
+        np.asarray(fn(run.variables, x[i : i + batch_size])) for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out)
+
+
+class CompileTimer:
+    """Wall time JAX spends tracing, lowering and compiling (``jax.monitoring`` time spans,
+    overlaps merged) while active."""
+
+    EVENTS = (
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        "/jax/core/compile/backend_compile_duration",
+    )
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+
+    def _listener(self, event: str, start: float, end: float, **_: Any) -> None:
+        if event in self.EVENTS:
+            self.spans.append((start, end))
+
+    def __enter__(self) -> "CompileTimer":
+        jax.monitoring.register_event_time_span_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        jax.monitoring.unregister_event_time_span_listener(self._listener)
+
+    @property
+    def seconds(self) -> float:
+        total, end = 0.0, -np.inf
+        for s, e in sorted(self.spans):
+            if e > end:
+                total += e - max(s, end)
+                end = e
+        return total
+
+
+# --------------------------------------------------------------------------------------------
+# The reference
+# --------------------------------------------------------------------------------------------
+
+
+def make_reference(net: torch.nn.Module, *, norm: str, eps: float, seed: int, budget: Budget):
+    """``pyautoattack.AutoAttack`` (standard version) on ``net``, with ``budget`` applied."""
+    from pyautoattack import AutoAttack
+
+    adversary = AutoAttack(
+        net, norm=REFERENCE_NORMS[norm], eps=eps, version="standard", seed=seed, device="cpu"
+    )
+    for apgd in (adversary.apgd, adversary.apgd_targeted):
+        apgd.n_iter = apgd.n_iter_orig = budget.n_iter
+        # The step-size checkpoints are set from n_iter in APGDAttack.__init__.
+        apgd.n_iter_2 = max(int(0.22 * budget.n_iter), 1)
+        apgd.n_iter_min = max(int(0.06 * budget.n_iter), 1)
+        apgd.size_decr = max(int(0.03 * budget.n_iter), 1)
+    adversary.apgd_targeted.n_target_classes = budget.n_target_classes
+    adversary.fab.n_iter = budget.n_iter
+    adversary.fab.n_target_classes = budget.n_target_classes
+    adversary.square.n_queries = budget.n_queries
+    return adversary
+
+
+def _reference_attack(adversary: Any, name: str) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """The reference's call for ``name``, as in ``AutoAttack.run_standard_evaluation``."""
+
+    def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if name == "apgd-ce":
+            adversary.apgd.loss = "ce"
+            adversary.apgd.seed = adversary.get_seed()
+            return adversary.apgd.perturb(x, y)
+        if name == "apgd-t":
+            adversary.apgd_targeted.seed = adversary.get_seed()
+            return adversary.apgd_targeted.perturb(x, y)
+        if name == "fab-t":
+            adversary.fab.targeted = True
+            adversary.fab.n_restarts = 1
+            adversary.fab.seed = adversary.get_seed()
+            return adversary.fab.perturb(x, y)
+        if name == "square":
+            adversary.square.seed = adversary.get_seed()
+            return adversary.square.perturb(x, y)
+        raise ValueError(f"unknown attack {name!r}")
+
+    return attack
+
+
+def run_reference(
+    adversary: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int, attacks: Sequence[str]
+) -> dict[str, Any]:
+    """The reference cascade on NHWC ``x``: clean and per-stage robust masks, stage times,
+    the largest perturbation of the points it counted as fooled."""
+    xt, yt = nhwc_to_nchw(x), torch.from_numpy(np.asarray(y, np.int64))
+    n = len(y)
+    with torch.no_grad():
+        clean = np.concatenate(
+            [
+                (adversary.get_logits(xt[i : i + batch_size]).argmax(1) == yt[i : i + batch_size])
+                .numpy()
+                .astype(bool)
+                for i in range(0, n, batch_size)
+            ]
+        )
+        robust, x_adv = clean.copy(), xt.clone()
+        stages, times = {}, {}
+        for name in attacks:
+            start, attack = time.perf_counter(), _reference_attack(adversary, name)
+            idx = np.flatnonzero(robust)
+            n_batches = -(-len(idx) // batch_size)
+            for b in range(n_batches):
+                chunk = idx[b * batch_size : (b + 1) * batch_size]
+                ci = torch.from_numpy(chunk)
+                xb, yb = xt[ci].clone(), yt[ci].clone()
+                adv = attack(xb, yb)
+                fooled = (adversary.get_logits(adv).argmax(1) != yb).numpy()
+                robust[chunk[fooled]] = False
+                x_adv[ci[torch.from_numpy(fooled)]] = adv[torch.from_numpy(fooled)]
+                log(
+                    f"reference {name} batch {b + 1}/{n_batches}: {int(fooled.sum())} of "
+                    f"{len(chunk)} fooled ({time.perf_counter() - start:.1f} s)"
+                )
+            stages[name], times[name] = robust.copy(), time.perf_counter() - start
+            log(f"reference after {name}: robust {robust.mean():.4f} ({times[name]:.1f} s)")
+    delta = (x_adv - xt).reshape(n, -1)
+    pert = delta.abs().amax(1) if adversary.norm == "Linf" else delta.square().sum(1).sqrt()
+    return {
+        "clean": clean,
+        "robust": robust,
+        "stages": stages,
+        "stage_seconds": times,
+        "max_perturbation": float(pert.max()) if n else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison and report
+# --------------------------------------------------------------------------------------------
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
+
+
+def compare(ours: dict[str, Any], ref: dict[str, Any], attacks: Sequence[str]) -> dict[str, Any]:
+    """Per-stage robust accuracies and mask agreements, final ones, disagreeing indices."""
+    stages = {
+        name: {
+            "ours": float(ours["stages"][name].mean()),
+            "reference": float(ref["stages"][name].mean()),
+            "agreement": _agree(ours["stages"][name], ref["stages"][name]),
+        }
+        for name in attacks
+    }
+    return {
+        "clean": {
+            "ours": float(ours["clean"].mean()),
+            "reference": float(ref["clean"].mean()),
+            "agreement": _agree(ours["clean"], ref["clean"]),
+        },
+        "stages": stages,
+        "final": {
+            "ours": float(ours["robust"].mean()),
+            "reference": float(ref["robust"].mean()),
+            "ours_minus_reference": float(ours["robust"].mean() - ref["robust"].mean()),
+            "agreement": _agree(ours["robust"], ref["robust"]),
+            "robust_only_ours": np.flatnonzero(ours["robust"] & ~ref["robust"]).tolist(),
+            "robust_only_reference": np.flatnonzero(ref["robust"] & ~ours["robust"]).tolist(),
+        },
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table plus the settings."""
+    r, t, m = report["results"], report["time_s"], report["model"]
+    lines = []
+    if not report["standard"]:
+        lines += [f"**NON-STANDARD budget, not AutoAttack: {report['budget']['text']}**", ""]
+    lines += [
+        f"AutoAttack {report['norm']} eps={report['eps_text']} on the first {report['n']} "
+        f"test points of {m['dataset']} ({m['model']} width {m['width']}, mode {m['mode']}, "
+        f"checkpoint {report['checkpoint']} step {report['step']}); logits agree to "
+        f"{report['logit_check']['max_abs_diff']:.2e} (max abs).",
+        "",
+        "| stage | ours robust acc | reference robust acc | mask agreement |",
+        "| --- | --- | --- | --- |",
+    ]
+    c = r["clean"]
+    lines.append(f"| clean | {c['ours']:.4f} | {c['reference']:.4f} | {c['agreement']:.4f} |")
+    for name, s in r["stages"].items():
+        lines.append(f"| {name} | {s['ours']:.4f} | {s['reference']:.4f} | {s['agreement']:.4f} |")
+    f = r["final"]
+    ratio = t["ratio_reference_over_ours"]
+    lines += [
+        f"| **final** | **{f['ours']:.4f}** | **{f['reference']:.4f}** | "
+        f"**{f['agreement']:.4f}** |",
+        "",
+        f"- robust under ours only: {len(f['robust_only_ours'])} points; under the reference "
+        f"only: {len(f['robust_only_reference'])}",
+        f"- wall time: ours {t['ours_total']:.1f} s (compilation {t['ours_compile']:.1f} s), "
+        f"reference {t['reference_total']:.1f} s; reference / ours = {ratio:.2f}x",
+        "- per stage (s): reference "
+        + ", ".join(f"{k} {v:.1f}" for k, v in t["reference_stages"].items())
+        + "; ours (compilation included) "
+        + (", ".join(f"{k} {v:.1f}" for k, v in t["ours_stages"].items()) or "not reported"),
+        f"- budget: {report['budget']['text']}; batch size {report['batch_size']}; "
+        f"seed {report['seed']}",
+        f"- machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs "
+        f"(torch threads {report['machine']['torch_threads']}); {report['date']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        f"- command: `{report['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def model_info(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's model and training method (rho for SAM, the PGD budget for AT)."""
+    info = {k: cfg.get(k) for k in ("model", "width", "mode", "dataset", "half_precision")}
+    modes = str(cfg.get("mode", "")).split("_")
+    if "sam" in modes:
+        info["rho"] = cfg.get("rho")
+    if "at" in modes:
+        info["attack"] = cfg.get("attack")
+    return info
+
+
+def _git_commit() -> str | None:
+    """HEAD's commit, ``+dirty`` when the work tree differs from it."""
+    try:
+        git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {name: version(name) for name in ("jax", "flax", "torch", "pyautoattack")}
+    out["samrobust_commit"] = _git_commit() or "unknown"
+    return out
+
+
+def default_out(run: Run, args: argparse.Namespace, budget: Budget) -> str:
+    cfg = run.config
+    eps = args.eps.replace("/", "_")
+    suffix = "" if budget.standard else "_nonstandard"
+    name = (
+        f"{cfg['dataset']}_{cfg['mode']}_w{cfg['width']}_{args.checkpoint}_{args.norm}{eps}"
+        f"_n{args.num_examples}{suffix}.json"
+    )
+    return os.path.join(RESULTS_DIR, name)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="a samrobust.main run")
+    p.add_argument("--checkpoint", default="latest", help="latest, best or a step")
+    p.add_argument("--norm", default="linf", choices=sorted(REFERENCE_NORMS))
+    p.add_argument("--eps", default="8/255", help="e.g. 8/255 or 0.5")
+    p.add_argument("--num_examples", type=int, default=500, help="the first N test points")
+    p.add_argument("--batch_size", type=int, default=250, help="both cascades' batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help=f"JSON path (default: under {RESULTS_DIR})")
+    p.add_argument("--budget", default="standard", choices=("standard", "reduced"))
+    p.add_argument("--attacks", default=None, help="comma-separated sub-sequence of stages")
+    p.add_argument("--n_iter", type=int, default=None)
+    p.add_argument("--n_target_classes", type=int, default=None)
+    p.add_argument("--n_queries", type=int, default=None)
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference")
+    p.add_argument("--torch_threads", type=int, default=None, help="default: torch's")
+    return p.parse_args(argv)
+
+
+def budget_from(args: argparse.Namespace) -> Budget:
+    budget = REDUCED if args.budget == "reduced" else Budget()
+    changes: dict[str, Any] = {
+        k: getattr(args, k)
+        for k in ("n_iter", "n_target_classes", "n_queries")
+        if getattr(args, k) is not None
+    }
+    if args.attacks:
+        attacks = tuple(a.strip() for a in args.attacks.split(","))
+        unknown = [a for a in attacks if a not in STAGES]
+        if unknown:
+            raise SystemExit(f"error: --attacks: unknown {unknown}; choose from {STAGES}")
+        changes["attacks"] = attacks
+    return dataclasses.replace(budget, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    budget, eps = budget_from(args), parse_eps(args.eps)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    if not budget.standard:
+        log(f"budget: {budget.describe()}")
+
+    run = load(args.workdir, args.checkpoint)
+    cfg = run.config
+    if cfg.get("half_precision"):
+        raise SystemExit(
+            "error: the run computes in bfloat16 (half_precision); the torch copy is float32, "
+            "so the two models' logits cannot agree to --tol. Compare a float32 run."
+        )
+    n = min(args.num_examples, len(run.dataset.test_labels))
+    x = np.asarray(run.dataset.test_images[:n], np.float32)
+    y = np.asarray(run.dataset.test_labels[:n], np.int64)
+    log(
+        f"run {args.workdir} step {run.step} ({cfg['model']} width {cfg['width']}, "
+        f"mode {cfg['mode']}, {cfg['dataset']}): {n} points {x.shape[1:]}"
+    )
+
+    net = from_flax(run.variables, mean=run.dataset.mean, std=run.dataset.std)
+    flax_out, torch_out = (
+        ours_logits(run, x, args.batch_size),
+        torch_logits(net, x, args.batch_size),
+    )
+    diff = np.abs(flax_out - torch_out)
+    max_diff = float(diff.max())
+    log(f"logit check: max abs diff {max_diff:.3e} (tol {args.tol:g})")
+    if not max_diff <= args.tol:
+        raise SystemExit(
+            f"error: the torch copy's logits differ from the Flax model's by {max_diff:.3e} "
+            f"(> --tol={args.tol:g}, worst point {int(diff.max(1).argmax())}): the "
+            "comparison would not be on the same network."
+        )
+
+    log("ours: samrobust.autoattack (wall time includes compilation)")
+    start = time.perf_counter()
+    with CompileTimer() as compile_timer:
+        res = run_ours(
+            run,
+            x,
+            y.astype(np.int32),
+            norm=args.norm,
+            eps=eps,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            budget=budget,
+        )
+    ours_s = time.perf_counter() - start
+    ours = {
+        "clean": np.asarray(res.clean, bool),
+        "robust": np.asarray(res.robust, bool),
+        "stages": {k: np.asarray(v, bool) for k, v in res.stages.items()},
+        "stage_seconds": {k: float(v) for k, v in res.seconds.items()},
+        "max_perturbation": float(res.max_perturbation),
+    }
+    log(
+        f"ours: robust {ours['robust'].mean():.4f} "
+        + " ".join(f"{k}={v.mean():.4f}" for k, v in ours["stages"].items())
+        + f" ({ours_s:.1f} s, compilation {compile_timer.seconds:.1f} s)"
+    )
+
+    log("reference: pyautoattack (fra31/auto-attack)")
+    adversary = make_reference(net, norm=args.norm, eps=eps, seed=args.seed, budget=budget)
+    start = time.perf_counter()
+    ref = run_reference(adversary, x, y, batch_size=args.batch_size, attacks=budget.attacks)
+    ref_s = time.perf_counter() - start
+
+    results = compare(ours, ref, budget.attacks)
+    report = {
+        "standard": budget.standard,
+        "budget": {**dataclasses.asdict(budget), "text": budget.describe()},
+        "n": n,
+        "norm": args.norm,
+        "eps": eps,
+        "eps_text": args.eps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "workdir": os.path.abspath(args.workdir),
+        "checkpoint": args.checkpoint,
+        "step": int(run.step),
+        "model": model_info(cfg),
+        "logit_check": {
+            "max_abs_diff": max_diff,
+            "tol": args.tol,
+            "argmax_agreement": _agree(flax_out.argmax(1), torch_out.argmax(1)),
+        },
+        "results": results,
+        "max_perturbation": {
+            "ours": ours["max_perturbation"],
+            "reference": ref["max_perturbation"],
+        },
+        "time_s": {
+            "ours_total": ours_s,
+            "ours_compile": compile_timer.seconds,
+            "ours_stages": ours["stage_seconds"],
+            "reference_total": ref_s,
+            "reference_stages": ref["stage_seconds"],
+            "ratio_reference_over_ours": ref_s / ours_s,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "jax_devices": [str(d) for d in jax.devices()],
+        },
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(
+            ["python", "-m", "experiments.aa_reference", *(sys.argv[1:] if argv is None else argv)]
+        ),
+    }
+
+    out = args.out or default_out(run, args, budget)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    stem = out[:-5] if out.endswith(".json") else out
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    masks = {"clean_ours": ours["clean"], "clean_reference": ref["clean"]}
+    for who, res in (("ours", ours), ("reference", ref)):
+        masks.update({f"{who}_{k.replace('-', '_')}": v for k, v in res["stages"].items()})
+    np.savez_compressed(stem + "_masks.npz", **masks)
+    print(markdown(report), flush=True)
+    log(f"wrote {out}, {stem}.md, {stem}_masks.npz")
+    return report
+
+
+if __name__ == "__main__":
+    main()
