@@ -12,9 +12,9 @@ device sees its own slice of the global batch).
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, evaluate, input_pipeline, models, parallel
+from samrobust import attacks, evaluate, input_pipeline, models, parallel, paths
 from samrobust.checkpoint import (
     BEST_METRIC,
     Checkpointer,
@@ -410,8 +410,9 @@ def _format_seconds(s: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir``'s latest readable checkpoint), evaluates, writes
-    results. Holds the workdir's lock throughout (process 0). On SIGTERM/SIGINT it saves a
-    checkpoint at the current step and raises ``PreemptedError``."""
+    results; ``workdir`` may be local or ``gs://``. Holds the workdir's lock throughout
+    (process 0). On SIGTERM/SIGINT it saves a checkpoint at the current step and raises
+    ``PreemptedError``."""
     validate_config(config, jax.device_count())
     if config.batch_size % jax.process_count():
         raise ConfigError(
@@ -476,10 +477,10 @@ def _train_and_evaluate(
         state, extras = restored
         earlier.update(extras)
     start_step = int(state.step)
+    out = paths.path(workdir)
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     logging.info(
         "%s on %s: %d steps (%d epochs x %d), global batch %d on %d devices, %s",
         config.mode,
@@ -637,11 +638,9 @@ def _train_and_evaluate(
     writer.write(int(state.step), {f"eval/{k}": v for k, v in report["accuracy"].items()})
     writer.close()
     if is_chief:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        np.savez_compressed(
-            os.path.join(workdir, "eval_masks.npz"),
-            **{k.replace("/", "_"): v for k, v in report["masks"].items()},
-        )
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        masks = io.BytesIO()
+        np.savez_compressed(masks, **{k.replace("/", "_"): v for k, v in report["masks"].items()})
+        (out / "eval_masks.npz").write_bytes(masks.getvalue())
     logging.info("results: %s", json.dumps(results["accuracy"]))
     return results
