@@ -9,7 +9,7 @@ Reads every ``ROOT/<run>/results.json`` (from ``samrobust.main``), its ``config.
 any ``eval_<suite>.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``). Runs are
 grouped by their config without the seed (and logging/checkpoint settings), and labelled by
 method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes to ``--out``
-(default ROOT):
+(default ROOT). Both may be ``gs://bucket/dir`` (see ``samrobust.paths``):
 
 - ``report.md``: per group, accuracies in % as mean ± sample std over seeds, measured
   training seconds, and the training cost relative to SGD: each run's ``train_seconds``
@@ -30,13 +30,16 @@ is left out of the timings.
 """
 
 import argparse
+import io
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from samrobust import paths
 
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
 # Settings that do not change what a run measures: not part of a group's identity.
@@ -76,39 +79,38 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: epath.Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
-def load_run(workdir: str) -> dict[str, Any]:
+def load_run(workdir: epath.PathLike) -> dict[str, Any]:
     """One finished run: name, flat config, metrics (accuracy fractions) and timings."""
-    results = read_json(os.path.join(workdir, "results.json"))
+    workdir = paths.path(workdir)
+    results = read_json(workdir / "results.json")
     metrics = dict(results["accuracy"])
-    for f in sorted(os.listdir(workdir)):
-        if f.startswith("eval_") and f.endswith(".json"):
-            suite = f[len("eval_") : -len(".json")]
-            accuracy = read_json(os.path.join(workdir, f)).get("accuracy", {})
+    for f in sorted(workdir.iterdir()):
+        if f.name.startswith("eval_") and f.name.endswith(".json"):
+            suite = f.name[len("eval_") : -len(".json")]
+            accuracy = read_json(f).get("accuracy", {})
             metrics.update({f"{suite}:{k}": v for k, v in accuracy.items()})
     return {
-        "name": os.path.basename(workdir),
-        "config": flatten(read_json(os.path.join(workdir, "config.json"))),
+        "name": workdir.name,
+        "config": flatten(read_json(workdir / "config.json")),
         "metrics": metrics,
         "train_seconds": results["train_seconds"],
     }
 
 
-def load_runs(root: str) -> tuple[list[dict[str, Any]], list[str]]:
+def load_runs(root: epath.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     """(finished runs, names of run directories without results.json or config.json)."""
     runs, incomplete = [], []
-    for name in sorted(os.listdir(root)):
-        workdir = os.path.join(root, name)
-        if not os.path.isdir(workdir):
+    for workdir in sorted(paths.path(root).iterdir()):
+        if not workdir.is_dir():
             continue
-        if all(os.path.exists(os.path.join(workdir, f)) for f in ("results.json", "config.json")):
+        if all((workdir / f).exists() for f in ("results.json", "config.json")):
             runs.append(load_run(workdir))
         else:
-            incomplete.append(name)
+            incomplete.append(workdir.name)
     return runs, incomplete
 
 
@@ -359,7 +361,7 @@ def _plot_tradeoff(ax_acc, here, robust_key: str, dataset: str, colors: dict) ->
     ax_acc.legend(fontsize=8)
 
 
-def plot(groups: Sequence[dict[str, Any]], robust_keys: Sequence[str], path: str) -> None:
+def plot(groups: Sequence[dict[str, Any]], robust_keys: Sequence[str], path: epath.Path) -> None:
     """Per dataset: clean vs robust accuracy per key (curves over rho / eps), cost vs SGD."""
     import matplotlib
 
@@ -406,8 +408,10 @@ def plot(groups: Sequence[dict[str, Any]], robust_keys: Sequence[str], path: str
         ax_cost.grid(axis="x", alpha=0.3)
         ax_cost.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    path.write_bytes(png.getvalue())
 
 
 def report(
@@ -423,13 +427,12 @@ def report(
     robust_keys = [k for k in robust_keys if any(k in g["metrics"] for g in groups)]
     if not robust_keys:
         raise ValueError(f"no --robust_key is in any run; available: {available}")
-    os.makedirs(out, exist_ok=True)
+    out_dir = paths.path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     data = {"root": root, "robust_keys": robust_keys, "incomplete": incomplete, "groups": groups}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(data, f, indent=2)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(markdown(groups, root, incomplete))
-    plot(groups, robust_keys, os.path.join(out, "report.png"))
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2))
+    (out_dir / "report.md").write_text(markdown(groups, root, incomplete))
+    plot(groups, robust_keys, out_dir / "report.png")
     return data
 
 

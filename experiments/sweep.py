@@ -10,7 +10,9 @@
 
 Grids are defined in ``experiments/grids.py`` (``paper_cifar10``, ``paper_cifar100``,
 ``digits``, ``smoke``). Each run gets ``ROOT/<config>_s<seed>`` (e.g. ``sam_rho0.1_s0``)
-and its stdout/stderr go to ``ROOT/<run>/log.txt``. Runs are ordered seed by seed, so a
+and its stdout/stderr go to ``ROOT/<run>/log.txt``. ``--root`` may be ``gs://bucket/dir``
+(see ``samrobust.paths``); a run's output then passes through the sweep, which rewrites
+``log.txt`` every ``LOG_FLUSH_SECONDS`` and when the run ends. Runs are ordered seed by seed, so a
 partial sweep already holds every config. A run with ``results.json`` is skipped (its
 ``config.json`` must match the grid's config); any other run is (re)started with the same
 command, which resumes from its latest checkpoint. ``--eval=SUITE`` then runs
@@ -35,14 +37,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import ml_collections
+from etils import epath
 
 from experiments.grids import GRIDS, RunSpec
-from samrobust import errors
+from samrobust import errors, paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_FLUSH_SECONDS = 30.0  # how often a remote log.txt is rewritten while a run runs
 
 
 def flag_value(value: Any) -> str:
@@ -64,8 +68,12 @@ class Run:
         return f"{self.spec.name}_s{self.seed}"
 
     @property
+    def path(self) -> epath.Path:
+        return paths.path(self.root) / self.name
+
+    @property
     def workdir(self) -> str:
-        return os.path.join(self.root, self.name)
+        return os.fspath(self.path)
 
     def train_command(self) -> list[str]:
         """``python -m samrobust.main ...``, to run from the repository root."""
@@ -91,22 +99,22 @@ class Run:
         ]
 
     def trained(self) -> bool:
-        return os.path.exists(os.path.join(self.workdir, "results.json"))
+        return (self.path / "results.json").exists()
 
     def evaluated(self, suite: str) -> bool:
-        return os.path.exists(os.path.join(self.workdir, f"eval_{suite}.json"))
+        return (self.path / f"eval_{suite}.json").exists()
 
     def status(self) -> str:
         if self.trained():
             return "done"
-        checkpoints = os.path.join(self.workdir, "checkpoints")
-        has_step = os.path.isdir(checkpoints) and any(d.isdigit() for d in os.listdir(checkpoints))
+        checkpoints = self.path / "checkpoints"
+        has_step = checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir())
         return "resume" if has_step else "new"
 
 
 def expand(grid: str, root: str, seeds: int, extra_overrides: Sequence[str] = ()) -> list[Run]:
     """The runs of ``grid`` for seeds ``0..seeds-1``, seed-major."""
-    root = os.path.abspath(root)
+    root = os.fspath(paths.path(root))
     return [
         Run(spec, seed, root, tuple(extra_overrides))
         for seed in range(seeds)
@@ -117,7 +125,7 @@ def expand(grid: str, root: str, seeds: int, extra_overrides: Sequence[str] = ()
 def run_name(command: Sequence[str]) -> str:
     """The run a ``samrobust.main`` command trains, named by its ``--workdir``."""
     workdir = next((a.split("=", 1)[1] for a in command if a.startswith("--workdir=")), "?")
-    return f"run {os.path.basename(workdir)}"
+    return f"run {epath.Path(workdir).name}"
 
 
 def build_config(command: Sequence[str]) -> ml_collections.ConfigDict:
@@ -154,11 +162,10 @@ def check_finished_config(run: Run, config: ml_collections.ConfigDict) -> list[s
     """Differences between a finished run's ``config.json`` and the grid's config."""
     from samrobust.checkpoint import config_mismatch
 
-    path = os.path.join(run.workdir, "config.json")
-    if not os.path.exists(path):
+    path = run.path / "config.json"
+    if not path.exists():
         return [f"{path} is missing"]
-    with open(path) as f:
-        return config_mismatch(json.load(f), config.to_dict())
+    return config_mismatch(json.loads(path.read_text()), config.to_dict())
 
 
 def format_seconds(s: float) -> str:
@@ -174,19 +181,37 @@ class StoppedError(Exception):
         self.exit_code = 128 + signum
 
 
-def run_logged(command: Sequence[str], log_path: str) -> int:
-    """Runs ``command`` from the repository root, appending its output to ``log_path``.
+def copy_output(stream: IO[bytes], log: IO[bytes]) -> None:
+    """Copies ``stream`` to ``log`` until it ends, flushing every ``LOG_FLUSH_SECONDS``."""
+    flushed = time.monotonic()
+    for line in stream:
+        log.write(line)
+        if time.monotonic() - flushed > LOG_FLUSH_SECONDS:
+            log.flush()
+            flushed = time.monotonic()
+    log.flush()
+
+
+def run_logged(command: Sequence[str], log_path: epath.Path) -> int:
+    """Runs ``command`` from the repository root, appending its output to ``log_path``
+    (local: the run writes to it; remote: through :func:`copy_output`).
 
     SIGTERM and SIGINT sent to the sweep are passed on to the run once (it saves a
     checkpoint at its current step and exits); then ``StoppedError`` is raised.
     """
     received: list[int] = []
-    with open(log_path, "a") as log:
-        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
+    local = paths.is_local(log_path)
+    with paths.open_append(log_path) as log:
+        header = f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n"
+        log.write(header.encode())
         log.flush()
         # Its own session: a terminal's Ctrl-C reaches only the sweep, which forwards it.
         proc = subprocess.Popen(
-            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=REPO,
+            stdout=log if local else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
         def forward(signum: int, frame: Any) -> None:
@@ -198,6 +223,8 @@ def run_logged(command: Sequence[str], log_path: str) -> int:
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if not local:
+                copy_output(proc.stdout, log)
             rc = proc.wait()
         finally:
             for s, handler in previous.items():
@@ -207,9 +234,8 @@ def run_logged(command: Sequence[str], log_path: str) -> int:
     return rc
 
 
-def log_tail(log_path: str, lines: int = 15) -> str:
-    with open(log_path) as f:
-        return "".join(f.readlines()[-lines:])
+def log_tail(log_path: epath.Path, lines: int = 15) -> str:
+    return "".join(log_path.read_text().splitlines(keepends=True)[-lines:])
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -314,7 +340,7 @@ def execute(runs: Sequence[Run], grid: str, suite: str | None, eval_flags: Seque
         return not run.trained() or bool(suite and not run.evaluated(suite))
 
     n = len(runs)
-    os.makedirs(runs[0].root, exist_ok=True)
+    paths.path(runs[0].root).mkdir(parents=True, exist_ok=True)
     todo = sum(map(pending, runs))
     print(f"Sweep {grid!r}: {n} runs in {runs[0].root}, {todo} to run, {n - todo} done")
     start, worked, failed = time.perf_counter(), 0, []
@@ -351,8 +377,8 @@ def execute(runs: Sequence[Run], grid: str, suite: str | None, eval_flags: Seque
 
 def run_one(run: Run, tag: str, suite: str | None, eval_flags: Sequence[str]) -> bool:
     """Trains ``run`` unless finished, then evaluates it unless evaluated; False on failure."""
-    os.makedirs(run.workdir, exist_ok=True)
-    log = os.path.join(run.workdir, "log.txt")
+    run.path.mkdir(parents=True, exist_ok=True)
+    log = run.path / "log.txt"
     steps = []
     if not run.trained():
         steps.append(("training" if run.status() == "new" else "resuming", run.train_command()))

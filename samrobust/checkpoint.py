@@ -15,7 +15,6 @@ it evaluates during training, the best one by validation robust accuracy in
 ``WORKDIR/checkpoints_best`` (orbax's ``best_fn``; a tie goes to the later step).
 """
 
-import os
 import signal
 import threading
 import time
@@ -24,8 +23,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
+from samrobust import paths
 from samrobust.errors import UserError
 
 # Config keys that may differ between a checkpoint and the run that resumes it.
@@ -52,7 +53,7 @@ class CheckpointError(UserError, RuntimeError):
 class DamagedCheckpointError(CheckpointError):
     """A checkpoint's files cannot be read."""
 
-    def __init__(self, where: str, cause: BaseException):
+    def __init__(self, where: epath.PathLike, cause: BaseException):
         text = (str(cause).splitlines() or [""])[0].split(" See full TensorStore details")[0]
         self.reason = f"{type(cause).__name__}: {text[:160]}"
         super().__init__(
@@ -89,7 +90,13 @@ class Checkpointer:
     """
 
     def __init__(
-        self, workdir: str, config: dict, *, every_steps: int, keep: int, best: bool = False
+        self,
+        workdir: epath.PathLike,
+        config: dict,
+        *,
+        every_steps: int,
+        keep: int,
+        best: bool = False,
     ):
         self.directory = checkpoint_dir(workdir, "best" if best else "latest")
         self.config = config
@@ -149,9 +156,9 @@ class Checkpointer:
         can be saved again), warning for each."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for step, e in damaged:
-            aside = os.path.join(self.directory, f"damaged-{step}-{stamp}")
+            aside = self.directory / f"damaged-{step}-{stamp}"
             if jax.process_index() == 0:
-                os.rename(os.path.join(self.directory, str(step)), aside)
+                (self.directory / str(step)).rename(aside)
             logging.warning(
                 "checkpoint step %d is damaged (%s): moved to %s (kept); resuming from the "
                 "newest readable one",
@@ -166,7 +173,7 @@ class Checkpointer:
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
         # A fresh reader per attempt: after failed restores orbax's shared manager floods
         # stderr with "Event loop is closed" tracebacks from tensorstore callbacks.
-        where = os.path.join(self.directory, str(step))
+        where = self.directory / str(step)
         with ocp.CheckpointManager(self.directory) as reader:
             try:
                 meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -213,13 +220,16 @@ class Checkpointer:
         self.manager.close()
 
 
-def checkpoint_dir(workdir: str, kind: str = "latest") -> str:
+def checkpoint_dir(workdir: epath.PathLike, kind: str = "latest") -> epath.Path:
     """The directory of a run's ``latest`` checkpoints or of its ``best`` one."""
-    return os.path.join(os.path.abspath(workdir), CHECKPOINTS[kind])
+    return paths.path(workdir) / CHECKPOINTS[kind]
 
 
 def read_state(
-    workdir: str, sharding: jax.sharding.Sharding, step: int | None = None, kind: str = "latest"
+    workdir: epath.PathLike,
+    sharding: jax.sharding.Sharding,
+    step: int | None = None,
+    kind: str = "latest",
 ) -> tuple[int, Any] | None:
     """``(step, state)`` of a run's checkpoint, every array placed with ``sharding``; the
     state's structure is read from the checkpoint. None if there is none.
@@ -230,7 +240,7 @@ def read_state(
     asked for, or when none is readable, propagate: callers say what to do about them.
     """
     directory = checkpoint_dir(workdir, kind)
-    if not os.path.isdir(directory):
+    if not directory.is_dir():
         return None
 
     # "meta" (the config as JSON) is restored too: orbax warns about items left unread.

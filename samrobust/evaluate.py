@@ -24,13 +24,13 @@ while evaluating, so a training run and an evaluation never write the same workd
 
 import contextlib
 import json
+import os
 from collections.abc import Sequence
 
 import jax
 from absl import flags, logging
-from etils import epath
 
-from samrobust import attacks, errors, parallel, robustness
+from samrobust import attacks, errors, parallel, paths, robustness
 from samrobust.autoattack import Budget
 from samrobust.errors import UserError
 from samrobust.workdir import WorkdirLock
@@ -103,7 +103,7 @@ def main(argv: Sequence[str]) -> None:
         FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
     )
     stem = robustness.report_stem(FLAGS.suite, checkpoint)
-    journal_dir = epath.Path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
+    journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
     config, ds = run.config, run.dataset
     batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
     if batch_size <= 0 or batch_size % mesh.size:
@@ -157,7 +157,7 @@ def main(argv: Sequence[str]) -> None:
             unroll=FLAGS.unroll,
         )
         report["run"] = {
-            "workdir": str(epath.Path(run.workdir).resolve()),
+            "workdir": os.fspath(paths.path(run.workdir)),
             "step": run.step,
             "checkpoint": FLAGS.checkpoint,
             "mode": config["mode"],

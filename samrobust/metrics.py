@@ -1,7 +1,9 @@
 """Metric logging: a ``metrics.jsonl`` line and a TensorBoard scalar per logged value.
 
 TensorBoard event files are written here directly (TFRecord framing of tensorboard's own
-``Event`` protos) so that logging never imports tensorflow. Only process 0 writes.
+``Event`` protos) so that logging never imports tensorflow. Only process 0 writes. The
+workdir may be ``gs://``: both files are then objects rewritten whole at every flush (one
+per logged step), see :func:`samrobust.paths.open_append`.
 """
 
 import json
@@ -11,21 +13,25 @@ import struct
 import time
 from collections.abc import Mapping
 
+from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+from samrobust import paths
 
 
 class MetricWriter:
     """Appends scalars to ``workdir/metrics.jsonl`` and a TensorBoard event file."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: epath.PathLike, *, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        directory = paths.path(workdir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._jsonl = paths.open_append(directory / "metrics.jsonl")
         name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
-        self._events = open(os.path.join(workdir, name), "ab")  # noqa: SIM115
+        self._events = paths.open_append(directory / name)
         self._write_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write_event(self, event: event_pb2.Event) -> None:
@@ -47,7 +53,7 @@ class MetricWriter:
             )
         )
         record = {"step": step, **{k: float(v) for k, v in scalars.items()}, **extra}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write((json.dumps(record) + "\n").encode())
         self.flush()
 
     def flush(self) -> None:

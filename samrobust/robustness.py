@@ -48,7 +48,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, models, parallel
+from samrobust import attacks, input_pipeline, models, parallel, paths
 from samrobust import autoattack as aa
 from samrobust.attacks import PGDSpec, format_eps
 from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
@@ -505,7 +505,7 @@ def load_run(
     """A checkpoint (``best``, ``latest`` or a step) of the ``samrobust.main`` run in
     ``workdir`` (local or e.g. gs://), its model (from ``workdir/config.json``) and its
     dataset (``data_dir`` overrides the run's)."""
-    path = epath.Path(workdir)
+    path = paths.path(workdir)
     if not path.is_dir():
         raise EvaluationError(
             f"--workdir={workdir} does not exist. Pass the --workdir of a training run, or "
@@ -592,7 +592,7 @@ def save_masks(path: str | epath.Path, masks: Mapping[str, np.ndarray]) -> None:
     """Per-example masks as ``.npz``, keyed by metric name with ``/`` written as ``_``."""
     buf = io.BytesIO()
     np.savez_compressed(buf, **{k.replace("/", "_"): v for k, v in masks.items()})
-    epath.Path(path).write_bytes(buf.getvalue())
+    paths.path(path).write_bytes(buf.getvalue())
 
 
 def write_report(
@@ -600,9 +600,9 @@ def write_report(
 ) -> list[str]:
     """Writes ``<stem>.json``, ``.md`` and ``_masks.npz`` to ``workdir`` (:func:`report_stem`);
     their paths."""
-    stem = epath.Path(workdir) / report_stem(report["suite"], checkpoint)
-    paths = [stem.with_name(stem.name + s) for s in (".json", ".md", "_masks.npz")]
-    paths[0].write_text(json.dumps({k: v for k, v in report.items() if k != "masks"}, indent=2))
-    paths[1].write_text(markdown(report))
-    save_masks(paths[2], report["masks"])
-    return [str(p) for p in paths]
+    stem = paths.path(workdir) / report_stem(report["suite"], checkpoint)
+    files = [stem.with_name(stem.name + s) for s in (".json", ".md", "_masks.npz")]
+    files[0].write_text(json.dumps({k: v for k, v in report.items() if k != "masks"}, indent=2))
+    files[1].write_text(markdown(report))
+    save_masks(files[2], report["masks"])
+    return [str(p) for p in files]

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -30,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, models, parallel, robustness
+from samrobust import attacks, input_pipeline, models, parallel, paths, robustness
 from samrobust.checkpoint import (
     BEST_METRIC,
     Checkpointer,
@@ -405,8 +404,9 @@ def _format_seconds(s: float) -> str:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir``'s latest readable checkpoint), evaluates, writes
-    results. Holds the workdir's lock throughout (process 0). On SIGTERM/SIGINT it saves a
-    checkpoint at the current step and raises ``PreemptedError``."""
+    results; ``workdir`` may be local or ``gs://``. Holds the workdir's lock throughout
+    (process 0). On SIGTERM/SIGINT it saves a checkpoint at the current step and raises
+    ``PreemptedError``."""
     validate_config(config, jax.device_count())
     if config.batch_size % jax.process_count():
         raise ConfigError(
@@ -465,10 +465,10 @@ def _train_and_evaluate(
         state, extras = restored
         earlier.update(extras)
     start_step = int(state.step)
+    out = paths.path(workdir)
     if is_chief:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     logging.info(
         "%s on %s: %d steps (%d epochs x %d), global batch %d on %d devices, %s",
         config.mode,
@@ -625,8 +625,7 @@ def _train_and_evaluate(
     writer.write(int(state.step), {f"eval/{k}": v for k, v in report["accuracy"].items()})
     writer.close()
     if is_chief:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        robustness.save_masks(os.path.join(workdir, "eval_masks.npz"), report["masks"])
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        robustness.save_masks(out / "eval_masks.npz", report["masks"])
     logging.info("results: %s", json.dumps(results["accuracy"]))
     return results

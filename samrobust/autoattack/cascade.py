@@ -43,7 +43,7 @@ from etils import epath
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from samrobust import parallel
+from samrobust import parallel, paths
 from samrobust.attacks import (
     VALID_TOL,
     LogitsFn,
@@ -212,7 +212,7 @@ class Journal:
 
     def __init__(self, directory: str | epath.Path, settings: dict[str, Any]):
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        self.path = epath.Path(directory) / digest[:16]
+        self.path = paths.path(directory) / digest[:16]
         self.settings = settings
         self.writer = jax.process_index() == 0
 
