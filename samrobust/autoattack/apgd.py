@@ -34,7 +34,15 @@ from samrobust.attacks import (
     project,
     sphere_start,
 )
-from samrobust.autoattack.base import Stage, State, batch_shape, bwhere, run, target_classes
+from samrobust.autoattack.base import (
+    Stage,
+    State,
+    batch_shape,
+    bwhere,
+    n_targets,
+    run,
+    target_classes,
+)
 
 LOSSES = ("ce", "dlr")
 
@@ -270,16 +278,12 @@ def apgd_targeted(
     """APGD-T: targeted APGD (targeted DLR by default) against each of the
     ``min(n_target_classes, num_classes - 1)`` most likely wrong classes at ``x`` in turn,
     ``n_restarts`` runs each; a run attacks only while some point is not yet fooled."""
-    n_cls = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[-1]
-    n_t = min(n_target_classes, n_cls - 1)
-    if n_t < 1:
-        raise ValueError("apgd_targeted needs at least 2 classes and n_target_classes >= 1")
     st = stage(
         eps=eps,
         norm=norm,
         n_iter=n_iter,
         loss=loss,
-        n_target_classes=n_t,
+        n_target_classes=n_targets(logits_fn, x, n_target_classes, "apgd_targeted"),
         n_restarts=n_restarts,
         rho=rho,
     )

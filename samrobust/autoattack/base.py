@@ -59,6 +59,16 @@ def target_classes(logits: jax.Array, j: jax.Array | int) -> jax.Array:
     return jnp.take_along_axis(order, jnp.broadcast_to(col, (logits.shape[0], 1)), axis=1)[:, 0]
 
 
+def n_targets(logits_fn: LogitsFn, x: jax.Array, n_target_classes: int, who: str) -> int:
+    """``min(n_target_classes, num_classes - 1)``: how many target classes a targeted attack
+    can try against the model's output."""
+    n_cls = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape[-1]
+    n_t = min(n_target_classes, n_cls - 1)
+    if n_t < 1:
+        raise ValueError(f"{who} needs at least 2 classes and n_target_classes >= 1")
+    return n_t
+
+
 def run(
     stage: Stage,
     logits_fn: LogitsFn,

@@ -25,7 +25,7 @@ from samrobust.attacks import (
     sphere_start,
     take,
 )
-from samrobust.autoattack.base import Stage, State, bwhere, run, target_classes
+from samrobust.autoattack.base import Stage, State, bwhere, n_targets, run, target_classes
 
 BISECTION_STEPS = 40  # halvings of [0, max breakpoint]: beyond float32 resolution
 
@@ -201,21 +201,17 @@ def fab_targeted(
     targets (``x`` where none was found). Clean-misclassified points are returned as ``x``.
     """
     x = jax.lax.stop_gradient(x)
-    clean_logits = logits_fn(x)
-    n_t = min(n_target_classes, clean_logits.shape[-1] - 1)
-    if n_t < 1:
-        raise ValueError("fab_targeted needs at least 2 classes and n_target_classes >= 1")
     st = stage(
         eps=eps,
         norm=norm,
         n_iter=n_iter,
-        n_target_classes=n_t,
+        n_target_classes=n_targets(logits_fn, x, n_target_classes, "fab_targeted"),
         n_restarts=n_restarts,
         alpha_max=alpha_max,
         eta=eta,
         beta=beta,
     )
-    attackable = jnp.argmax(clean_logits, axis=-1) == y
+    attackable = jnp.argmax(logits_fn(x), axis=-1) == y
     ids = jnp.arange(x.shape[0])
 
     def open_(best):  # still to attack: not yet fooled within eps (eps=None: every point)
