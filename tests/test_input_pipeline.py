@@ -3,6 +3,7 @@ CIFAR files, and the stratified train/validation subsets."""
 
 import os
 import pickle
+import subprocess
 import sys
 import tarfile
 
@@ -186,7 +187,16 @@ def write_torchvision_cifar(root, name: str) -> tuple[np.ndarray, np.ndarray]:
 def test_torchvision_cifar_files_load_with_their_labels(tmp_path, name):
     images, labels = write_torchvision_cifar(tmp_path, name)
     ds = input_pipeline.load(name, str(tmp_path))
-    assert "tensorflow" not in sys.modules  # read without tfds
+    # Read without tfds: in a fresh interpreter (other tests may have imported tensorflow).
+    check = (
+        "import sys; from samrobust import input_pipeline; "
+        f"input_pipeline.load({name!r}, {str(tmp_path)!r}); "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_array_equal(ds.train_labels, labels)
     np.testing.assert_array_equal(np.round(ds.train_images * 255), images)
     assert ds.test_images.shape == (4, 32, 32, 3)
