@@ -2,6 +2,9 @@
 stages, exact robust sets of a linear model (one device and sharded), packed = unpacked,
 resuming from a journal, and a trained MLP."""
 
+import dataclasses
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +69,24 @@ def test_cascade_counts_a_point_robust_only_if_every_attack_failed():
     np.testing.assert_array_equal(res.x_adv[9], x[9])
     assert res.max_perturbation == pytest.approx(0.12, abs=1e-6)
     assert_valid(x, res.x_adv, eps, "linf")
+
+
+def test_a_long_batch_logs_its_progress(monkeypatch, caplog):
+    """A batch that runs longer than PROGRESS_SECONDS logs its step and the points left."""
+    f = jax.tree_util.Partial(
+        lambda w, xb: xb.reshape(xb.shape[0], -1) @ w, jnp.eye(D, 2, dtype=jnp.float32)
+    )
+    x = np.full((3, H, H, 1), 0.5, np.float32)
+    x[:, 0, 0, 0] = 0.6
+    stage = dataclasses.replace(_scripted_stage("slow", set(), 0.0, 3), n_steps=4)
+    monkeypatch.setattr(aa.cascade, "PROGRESS_SECONDS", 0.0)
+    caplog.set_level(logging.INFO)
+    aa.run_cascade(f, x, np.zeros(3, np.int32), jax.random.key(0), [stage], eps=0.1, norm="linf")
+    lines = [r.getMessage() for r in caplog.records if "points still robust" in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == [
+        f"autoattack slow run 1: step {i}/4" for i in (1, 2, 3)
+    ]
+    assert all("3 of 3 points still robust" in line for line in lines)
 
 
 def _check_cascade(res, f, x, y, eps, norm):

@@ -298,6 +298,9 @@ class _StageFns:
         return s
 
 
+PROGRESS_SECONDS = 60.0  # the longest a batch runs without a log line
+
+
 def _bucket(n: int, cap: int, multiple: int) -> int:
     size = multiple
     while size < n:
@@ -329,6 +332,7 @@ def _attack_batch(
         jnp.int32(j),
     )
     fooled_pts, advs, refused, i = [], [], 0, 0
+    t0 = last_log = time.perf_counter()
     while True:
         stop = min(i + st.segment, st.n_steps) if compact else st.n_steps
         state = fns.advance(state, i, stop, host_loop)
@@ -336,6 +340,18 @@ def _attack_batch(
         flags = runner.get(fns.check(state))
         left = live & ~flags["fooled"]
         finished = i >= st.n_steps or not left.any()
+        if not finished and time.perf_counter() - last_log >= PROGRESS_SECONDS:
+            last_log = time.perf_counter()
+            logging.info(
+                "autoattack %s run %d: step %d/%d, %d of %d points still robust (%.0f s)",
+                st.name,
+                j + 1,
+                i,
+                st.n_steps,
+                int(left.sum()),
+                len(chunk),
+                last_log - t0,
+            )
         if not (finished or _bucket(int(left.sum()), cap, runner.multiple) < size):
             continue
         done = live & flags["fooled"]
