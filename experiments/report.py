@@ -6,7 +6,8 @@
       --robust_key=autoattack:autoattack_linf_8/255
 
 Reads every ``ROOT/<run>/results.json`` (from ``samrobust.main``), its ``config.json`` and
-any ``eval_<suite>.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``). Runs are
+any ``eval_*.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``, e.g.
+``autoattack:autoattack_linf_2/255``; ``<suite>_best:<key>`` for the best checkpoint). Runs are
 grouped by their config without the seed (and logging/checkpoint settings), and labelled by
 method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes to ``--out``
 (default ROOT). Both may be ``gs://bucket/dir`` (see ``samrobust.paths``):
@@ -90,9 +91,12 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
     metrics = dict(results["accuracy"])
     for f in sorted(workdir.iterdir()):
         if f.name.startswith("eval_") and f.name.endswith(".json"):
-            suite = f.name[len("eval_") : -len(".json")]
-            accuracy = read_json(f).get("accuracy", {})
-            metrics.update({f"{suite}:{k}": v for k, v in accuracy.items()})
+            report = read_json(f)
+            checkpoint = report["run"]["checkpoint"]
+            suite = report["suite"] + {"latest": "", "best": "_best"}.get(
+                checkpoint, f"_step{checkpoint}"
+            )
+            metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
     return {
         "name": workdir.name,
         "config": flatten(read_json(workdir / "config.json")),

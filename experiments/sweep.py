@@ -101,8 +101,8 @@ class Run:
     def trained(self) -> bool:
         return (self.path / "results.json").exists()
 
-    def evaluated(self, suite: str) -> bool:
-        return (self.path / f"eval_{suite}.json").exists()
+    def evaluated(self, suite: str, flags: Sequence[str] = ()) -> bool:
+        return (self.path / f"{eval_stem(suite, flags)}.json").exists()
 
     def status(self) -> str:
         if self.trained():
@@ -234,6 +234,17 @@ def run_logged(command: Sequence[str], log_path: epath.Path) -> int:
     return rc
 
 
+def eval_stem(suite: str, flags: Sequence[str]) -> str:
+    """The report stem ``samrobust.evaluate --suite=SUITE FLAGS`` writes, e.g.
+    ``eval_autoattack_linf_2_255`` (ValueError for a bad --eps or --checkpoint)."""
+    from samrobust import attacks, robustness
+
+    opts = dict(f.removeprefix("--").partition("=")[::2] for f in flags)
+    checkpoint = robustness.parse_checkpoint(opts.get("checkpoint", "latest"))
+    eps = attacks.parse_eps(opts["eps"]) if opts.get("eps") else None
+    return robustness.report_stem(suite, checkpoint, opts.get("norm") or None, eps)
+
+
 def log_tail(log_path: epath.Path, lines: int = 15) -> str:
     return "".join(log_path.read_text().splitlines(keepends=True)[-lines:])
 
@@ -271,6 +282,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="KEY=VALUE: --config.KEY=VALUE for every run, repeatable (e.g. data_dir=/data)",
     )
     args = p.parse_args(argv)
+    if args.eval:
+        try:
+            eval_stem(args.eval, args.eval_flag)
+        except (ValueError, KeyError) as e:
+            p.error(f"--eval_flag: {e}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     for o in args.override:
@@ -337,7 +353,7 @@ def execute(runs: Sequence[Run], grid: str, suite: str | None, eval_flags: Seque
     """
 
     def pending(run: Run) -> bool:
-        return not run.trained() or bool(suite and not run.evaluated(suite))
+        return not run.trained() or bool(suite and not run.evaluated(suite, eval_flags))
 
     n = len(runs)
     paths.path(runs[0].root).mkdir(parents=True, exist_ok=True)
@@ -382,7 +398,7 @@ def run_one(run: Run, tag: str, suite: str | None, eval_flags: Sequence[str]) ->
     steps = []
     if not run.trained():
         steps.append(("training" if run.status() == "new" else "resuming", run.train_command()))
-    if suite and not run.evaluated(suite):
+    if suite and not run.evaluated(suite, eval_flags):
         steps.append((f"eval {suite}", run.eval_command(suite, eval_flags)))
     for what, command in steps:
         print(f"{tag} {run.name}: {what} (log: {log})", flush=True)

@@ -9,12 +9,13 @@ loads the latest checkpoint of ``DIR`` (local or gs://; ``--checkpoint=best``: t
 by validation robust accuracy, in ``DIR/checkpoints_best``; ``--checkpoint=STEP``: that
 step; reports then end in ``_best`` / ``_step<STEP>``) with the model from
 ``DIR/config.json``, evaluates the first ``N`` test examples (default: all) and writes
-``DIR/eval_<suite>.json`` (accuracies, images/s, budgets, AutoAttack details, warnings, the
-run), the table ``DIR/eval_<suite>.md`` and the per-example masks
-``DIR/eval_<suite>_masks.npz``. ``--batch_size`` (global) and ``--seed`` default to the
-run's ``eval_batch_size`` and ``seed``; ``--data_dir`` overrides the run's. ``--n_iter``,
-``--n_target_classes`` and ``--n_queries`` shrink AutoAttack's budget (100 / 9 / 5000) for
-quick looks; ``--unroll`` sets the attacks' loop unrolling.
+``DIR/<stem>.json`` (accuracies, images/s, budgets, AutoAttack details, warnings, the
+run), the table ``DIR/<stem>.md`` and the per-example masks ``DIR/<stem>_masks.npz``, where
+the stem is ``eval_paper``, or ``eval_autoattack_linf_8_255`` / ``eval_full_l2_0.5`` with
+the AutoAttack budget, so that several budgets live side by side. ``--batch_size`` (global)
+and ``--seed`` default to the run's ``eval_batch_size`` and ``seed``; ``--data_dir``
+overrides the run's. ``--n_iter``, ``--n_target_classes`` and ``--n_queries`` shrink
+AutoAttack's budget (100 / 9 / 5000) for quick looks; ``--unroll`` sets the attacks' loop unrolling.
 
 AutoAttack records every finished batch in ``DIR/<report stem>_journal/``: a killed
 evaluation, run again with the same flags, continues where it stopped and ends with the same
@@ -102,8 +103,6 @@ def main(argv: Sequence[str]) -> None:
     run = robustness.load_run(
         FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
     )
-    stem = robustness.report_stem(FLAGS.suite, checkpoint)
-    journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
     config, ds = run.config, run.dataset
     batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
     if batch_size <= 0 or batch_size % mesh.size:
@@ -124,6 +123,8 @@ def main(argv: Sequence[str]) -> None:
             attacks.format_eps(eps),
             ", CIFAR's budget: digits has no standard one" if ds.name == "digits" else "",
         )
+    stem = robustness.report_stem(FLAGS.suite, checkpoint, FLAGS.norm, eps)
+    journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
     logging.info(
         "Evaluating %s step %d (%s, %s width %d) on %d %s test examples: %s suite, batch %d, "
         "%d devices",
@@ -166,7 +167,7 @@ def main(argv: Sequence[str]) -> None:
             "width": config["width"],
         }
         if jax.process_index() == 0:
-            for path in robustness.write_report(run.workdir, report, checkpoint):
+            for path in robustness.write_report(run.workdir, report, stem):
                 logging.info("wrote %s", path)
             if journal_dir.parent.exists():  # the report holds everything it recorded
                 journal_dir.parent.rmtree()

@@ -374,7 +374,7 @@ def evaluate(
             unroll=unroll,
             journal=journal,
         )
-        name = f"autoattack_{norm}_{format_eps(eps)}"
+        name = autoattack_name(norm, eps)
         total_s = sum(result.seconds.values())
         report["accuracy"][name] = result.robust_accuracy
         report["images_per_s"][name] = len(images) / total_s if total_s else None
@@ -578,14 +578,29 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_stem(suite: str, checkpoint: str | int = "latest") -> str:
-    """``eval_<suite>`` for the latest checkpoint, ``eval_<suite>_best`` for the best one,
-    ``eval_<suite>_step<N>`` for step N."""
+def autoattack_name(norm: str | None = None, eps: float | None = None) -> str:
+    """The AutoAttack metric name, e.g. ``autoattack_linf_8/255`` (defaults: Linf, and
+    :data:`DEFAULT_EPS` of the norm)."""
+    norm = norm or "linf"
+    attacks.check_norm(norm)
+    return f"autoattack_{norm}_{format_eps(DEFAULT_EPS[norm] if eps is None else eps)}"
+
+
+def report_stem(
+    suite: str,
+    checkpoint: str | int = "latest",
+    norm: str | None = None,
+    eps: float | None = None,
+) -> str:
+    """``eval_<suite>``, with the AutoAttack budget for the ``autoattack`` and ``full``
+    suites (``eval_autoattack_linf_8_255``, so budgets do not overwrite each other), then
+    ``_best`` for the best checkpoint or ``_step<N>`` for step N."""
+    stem = f"eval_{suite}"
+    if suite != "paper":
+        stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
     if checkpoint == "latest":
-        return f"eval_{suite}"
-    return (
-        f"eval_{suite}_{checkpoint}" if checkpoint == "best" else f"eval_{suite}_step{checkpoint}"
-    )
+        return stem
+    return f"{stem}_{checkpoint}" if checkpoint == "best" else f"{stem}_step{checkpoint}"
 
 
 def save_masks(path: str | epath.Path, masks: Mapping[str, np.ndarray]) -> None:
@@ -595,12 +610,10 @@ def save_masks(path: str | epath.Path, masks: Mapping[str, np.ndarray]) -> None:
     paths.path(path).write_bytes(buf.getvalue())
 
 
-def write_report(
-    workdir: str, report: dict[str, Any], checkpoint: str | int = "latest"
-) -> list[str]:
-    """Writes ``<stem>.json``, ``.md`` and ``_masks.npz`` to ``workdir`` (:func:`report_stem`);
-    their paths."""
-    stem = paths.path(workdir) / report_stem(report["suite"], checkpoint)
+def write_report(workdir: str, report: dict[str, Any], stem: str) -> list[str]:
+    """Writes ``<stem>.json``, ``.md`` and ``_masks.npz`` (:func:`report_stem`) to
+    ``workdir``; their paths."""
+    stem = paths.path(workdir) / stem
     files = [stem.with_name(stem.name + s) for s in (".json", ".md", "_masks.npz")]
     files[0].write_text(json.dumps({k: v for k, v in report.items() if k != "masks"}, indent=2))
     files[1].write_text(markdown(report))

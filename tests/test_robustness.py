@@ -91,3 +91,14 @@ def test_invalid_arguments_fail_before_any_attack(kwargs, message):
     x = np.zeros((8, 4, 4, 1), np.float32)
     with pytest.raises(ValueError, match=message):
         robustness.evaluate(linear_logits, variables, x, np.zeros(8, np.int32), **kwargs)
+
+
+def test_report_stems_keep_autoattack_budgets_apart():
+    stem = robustness.report_stem
+    assert stem("paper") == "eval_paper" and stem("paper", "best") == "eval_paper_best"
+    assert stem("autoattack") == "eval_autoattack_linf_8_255"  # the default budget
+    assert stem("autoattack", "latest", "linf", 2 / 255) == "eval_autoattack_linf_2_255"
+    assert stem("full", 1248, "l2") == "eval_full_l2_0.5_step1248"
+    assert stem("autoattack", "best", "l2", 0.25) == "eval_autoattack_l2_0.25_best"
+    with pytest.raises(ValueError, match="norm"):
+        stem("autoattack", norm="l3")

@@ -106,8 +106,11 @@ def test_smoke_sweep_end_to_end_then_report(tmp_path):
 
     # Finished runs are skipped; so is an evaluation whose json exists.
     for i, name in enumerate(names):
-        with open(os.path.join(root, name, "eval_autoattack.json"), "w") as f:
-            json.dump({"accuracy": {"autoattack_linf_8/255": 0.25 + i / 10}}, f)
+        with open(os.path.join(root, name, "eval_autoattack_linf_8_255.json"), "w") as f:
+            accuracy = {"autoattack_linf_8/255": 0.25 + i / 10}
+            json.dump(
+                {"suite": "autoattack", "run": {"checkpoint": "latest"}, "accuracy": accuracy}, f
+            )
     logs = {n: open(os.path.join(root, n, "log.txt")).read() for n in names}
     out = run_module("experiments.sweep", *args, "--eval=autoattack").stdout
     assert out.count("done, skipped") == 2
@@ -174,8 +177,12 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
         workdir = write_run(
             root, f"at_s{s}", s, {"clean": 0.8, key: rob}, 110.0, mode="at", attack=at
         )
-    with open(os.path.join(workdir, "eval_autoattack.json"), "w") as f:
-        json.dump({"accuracy": {"clean": 0.8, "autoattack_linf_8/255": 0.7}}, f)
+    for eps, acc in (("8", 0.7), ("2", 0.75)):  # two budgets, in files side by side
+        with open(os.path.join(workdir, f"eval_autoattack_linf_{eps}_255.json"), "w") as f:
+            accuracy = {"clean": 0.8, f"autoattack_linf_{eps}/255": acc}
+            json.dump(
+                {"suite": "autoattack", "run": {"checkpoint": "latest"}, "accuracy": accuracy}, f
+            )
     write_run(root, "sgd_w32_s0", 0, {"clean": 0.99, key: 0.7}, 40.0, width=32)
     os.makedirs(os.path.join(root, "unfinished_s0", "checkpoints"))
 
@@ -209,12 +216,17 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
         "n": 1,
         "values": [0.7],
     }
+    assert at_g["metrics"]["autoattack:autoattack_linf_2/255"]["values"] == [0.75]
     np.testing.assert_allclose(at_g["metrics"][key]["std"], np.std([0.8, 0.9], ddof=1))
 
     md = open(tmp_path / "out" / "report.md").read()
-    assert "| SGD (width=16) | digits | 3 | 93.0 ± 3.6 | 55.0 ± 5.0 | – | – | 12.0 ± 2.0 |" in md
+    assert (
+        "| SGD (width=16) | digits | 3 | 93.0 ± 3.6 | 55.0 ± 5.0 | – | – | – | 12.0 ± 2.0 |" in md
+    )
     assert f"| {ratios.mean():.2f} ± {ratios.std(ddof=1):.2f} [2] |" in md
-    assert "| AT Linf 8/255 PGD-10 | digits | 2 | 80.0 ± 0.0 | 85.0 ± 7.1 | 80.0 | 70.0 |" in md
+    assert (
+        "| AT Linf 8/255 PGD-10 | digits | 2 | 80.0 ± 0.0 | 85.0 ± 7.1 | 80.0 | 75.0 | 70.0 |" in md
+    )
     assert "unfinished_s0" in md
     assert os.path.getsize(tmp_path / "out" / "report.png") > 10_000
     assert json.load(open(tmp_path / "out" / "report.json")) == json.loads(json.dumps(data))
@@ -250,3 +262,14 @@ def test_shards_partition_the_grid(tmp_path, capsys):
     assert names[1] == everything[1::4]
     assert sweep.main(["--grid=smoke", f"--root={root}", "--seeds=1", "--shard=3/4"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_eval_flags_name_the_report_a_run_is_checked_for(tmp_path, capsys):
+    assert sweep.eval_stem("autoattack", []) == "eval_autoattack_linf_8_255"
+    flags = ["--eps=2/255", "--num_examples=1000", "--checkpoint=best"]
+    assert sweep.eval_stem("autoattack", flags) == "eval_autoattack_linf_2_255_best"
+    assert sweep.eval_stem("paper", ["--num_examples=10"]) == "eval_paper"
+    args = ["--grid=smoke", f"--root={tmp_path}", "--eval=autoattack", "--eval_flag=--eps=x"]
+    with pytest.raises(SystemExit) as e:
+        sweep.main(args)
+    assert e.value.code == 2 and "--eval_flag" in capsys.readouterr().err
