@@ -51,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 import torch
+from absl import logging
 
 import samrobust.autoattack as samrobust_aa
 from experiments.torch_preact import from_flax, nhwc_to_nchw, torch_logits
@@ -442,6 +443,7 @@ def budget_from(args: argparse.Namespace) -> Budget:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    logging.set_verbosity(logging.INFO)  # our cascade's per-batch and progress lines
     budget, eps = budget_from(args), parse_eps(args.eps)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
