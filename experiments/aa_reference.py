@@ -32,16 +32,25 @@ stage for both, final robust accuracies, per-point agreement of the robust masks
 indices robust under only one), wall times and their ratio, N, norm, eps, model, checkpoint
 step, machine, versions, date and the command. ``--budget=reduced`` (10 iterations, 3 target
 classes, 100 queries), ``--attacks`` or any ``--n_*`` flag is a quick look: the output then
-says NON-STANDARD everywhere.
+says NON-STANDARD everywhere. Default ``--out``:
+``experiments/results/aa_reference/<dataset>_<run folder>_<checkpoint>_<norm><eps>_n<N>.json``.
+
+Resumable (an adversarially trained model keeps the reference busy for hours on 2 cores):
+``<out stem>_journal/`` holds our finished result and every finished batch of the
+reference, each with its wall time; the same command continues from there (a journal made
+under other settings is refused) and deletes it once the report is written. A resumed
+comparison's reference time is the sum of its batches' recorded times, and says so.
 """
 
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -230,12 +239,25 @@ def _reference_attack(adversary: Any, name: str) -> Callable[[torch.Tensor, torc
 
 
 def run_reference(
-    adversary: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int, attacks: Sequence[str]
+    adversary: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    attacks: Sequence[str],
+    journal: str | None = None,
 ) -> dict[str, Any]:
     """The reference cascade on NHWC ``x``: clean and per-stage robust masks, stage times,
-    the largest perturbation of the points it counted as fooled."""
+    the largest perturbation of the points it counted as fooled.
+
+    ``journal``: a folder recording every finished (stage, batch) with its wall time; a run
+    stopped part-way continues from it (the reference reseeds every ``perturb`` call, so a
+    batch gives the same result either way) and its stage times are the recorded sums.
+    """
     xt, yt = nhwc_to_nchw(x), torch.from_numpy(np.asarray(y, np.int64))
     n = len(y)
+    if journal:
+        os.makedirs(journal, exist_ok=True)
     with torch.no_grad():
         clean = np.concatenate(
             [
@@ -246,24 +268,43 @@ def run_reference(
             ]
         )
         robust, x_adv = clean.copy(), xt.clone()
-        stages, times = {}, {}
+        stages, times, resumed = {}, {}, 0
         for name in attacks:
-            start, attack = time.perf_counter(), _reference_attack(adversary, name)
+            attack, times[name] = _reference_attack(adversary, name), 0.0
             idx = np.flatnonzero(robust)
             n_batches = -(-len(idx) // batch_size)
             for b in range(n_batches):
                 chunk = idx[b * batch_size : (b + 1) * batch_size]
                 ci = torch.from_numpy(chunk)
-                xb, yb = xt[ci].clone(), yt[ci].clone()
-                adv = attack(xb, yb)
-                fooled = (adversary.get_logits(adv).argmax(1) != yb).numpy()
+                record = os.path.join(journal, f"{name}_{b}.npz") if journal else None
+                loaded = bool(record and os.path.exists(record))
+                if loaded:
+                    with np.load(record) as r:
+                        if not np.array_equal(r["chunk"], chunk):
+                            raise SystemExit(
+                                f"error: {record} was recorded on other points: this journal "
+                                "is not this comparison's; delete it or pass another --out"
+                            )
+                        fooled, adv, seconds = r["fooled"], torch.from_numpy(r["adv"]), r["s"]
+                    resumed += 1
+                else:
+                    start = time.perf_counter()
+                    xb, yb = xt[ci].clone(), yt[ci].clone()
+                    adv_all = attack(xb, yb)
+                    fooled = (adversary.get_logits(adv_all).argmax(1) != yb).numpy()
+                    adv = adv_all[torch.from_numpy(fooled)]
+                    seconds = time.perf_counter() - start
+                    if record:
+                        np.savez(record, chunk=chunk, fooled=fooled, adv=adv.numpy(), s=seconds)
                 robust[chunk[fooled]] = False
-                x_adv[ci[torch.from_numpy(fooled)]] = adv[torch.from_numpy(fooled)]
+                x_adv[ci[torch.from_numpy(fooled)]] = adv
+                times[name] += float(seconds)
+                when = ", recorded earlier" if loaded else ""
                 log(
                     f"reference {name} batch {b + 1}/{n_batches}: {int(fooled.sum())} of "
-                    f"{len(chunk)} fooled ({time.perf_counter() - start:.1f} s)"
+                    f"{len(chunk)} fooled ({times[name]:.1f} s{when})"
                 )
-            stages[name], times[name] = robust.copy(), time.perf_counter() - start
+            stages[name] = robust.copy()
             log(f"reference after {name}: robust {robust.mean():.4f} ({times[name]:.1f} s)")
     delta = (x_adv - xt).reshape(n, -1)
     pert = delta.abs().amax(1) if adversary.norm == "Linf" else delta.square().sum(1).sqrt()
@@ -273,6 +314,7 @@ def run_reference(
         "stages": stages,
         "stage_seconds": times,
         "max_perturbation": float(pert.max()) if n else 0.0,
+        "resumed_batches": resumed,
     }
 
 
@@ -341,7 +383,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"- robust under ours only: {len(f['robust_only_ours'])} points; under the reference "
         f"only: {len(f['robust_only_reference'])}",
         f"- wall time: ours {t['ours_total']:.1f} s (compilation {t['ours_compile']:.1f} s), "
-        f"reference {t['reference_total']:.1f} s; reference / ours = {ratio:.2f}x",
+        f"reference {t['reference_total']:.1f} s; reference / ours = {ratio:.2f}x"
+        + (
+            f" (the run was resumed: the reference's time sums its batches' recorded times, "
+            f"{t['reference_resumed_batches']} of them measured before the interruption)"
+            if t.get("reference_resumed_batches")
+            else ""
+        ),
         "- per stage (s): reference "
         + ", ".join(f"{k} {v:.1f}" for k, v in t["reference_stages"].items())
         + "; ours (compilation included) "
@@ -395,14 +443,51 @@ def _versions() -> dict[str, str]:
 
 
 def default_out(run: Run, args: argparse.Namespace, budget: Budget) -> str:
-    cfg = run.config
+    """``RESULTS_DIR/<dataset>_<run folder>_<checkpoint>_<norm><eps>_n<N>.json``."""
     eps = args.eps.replace("/", "_")
     suffix = "" if budget.standard else "_nonstandard"
+    run_name = os.path.basename(os.path.normpath(args.workdir))
     name = (
-        f"{cfg['dataset']}_{cfg['mode']}_w{cfg['width']}_{args.checkpoint}_{args.norm}{eps}"
+        f"{run.config['dataset']}_{run_name}_{args.checkpoint}_{args.norm}{eps}"
         f"_n{args.num_examples}{suffix}.json"
     )
     return os.path.join(RESULTS_DIR, name)
+
+
+def open_journal(path: str, settings: dict[str, Any]) -> str:
+    """The folder where a comparison records what it finished (``settings.json``: what it
+    compares); refuses one left by another comparison."""
+    os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, "settings.json")
+    if os.path.exists(file):
+        with open(file) as f:
+            recorded = json.load(f)
+        if recorded != json.loads(json.dumps(settings)):
+            diff = sorted(k for k in settings if recorded.get(k) != settings[k])
+            raise SystemExit(
+                f"error: {path} holds a comparison with other settings ({', '.join(diff)}); "
+                "delete it to start over, or pass another --out"
+            )
+        log(f"resuming from {path}")
+    else:
+        with open(file, "w") as f:
+            json.dump(settings, f, indent=1)
+    return path
+
+
+def save_ours(path: str, ours: dict[str, Any]) -> None:
+    """Our finished cascade (masks, times) as ``.npz``, for a resumed comparison."""
+    scalars = {k: v for k, v in ours.items() if k not in ("clean", "robust", "stages")}
+    stages = {f"stage:{k}": v for k, v in ours["stages"].items()}
+    np.savez(path, clean=ours["clean"], robust=ours["robust"], meta=json.dumps(scalars), **stages)
+
+
+def load_ours(path: str) -> dict[str, Any]:
+    with np.load(path) as f:
+        stages = {k.removeprefix("stage:"): f[k] for k in f.files if k.startswith("stage:")}
+        return {"clean": f["clean"], "robust": f["robust"], "stages": stages} | json.loads(
+            str(f["meta"])
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -480,38 +565,71 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "comparison would not be on the same network."
         )
 
-    log("ours: samrobust.autoattack (wall time includes compilation)")
-    start = time.perf_counter()
-    with CompileTimer() as compile_timer:
-        res = run_ours(
-            run,
-            x,
-            y.astype(np.int32),
-            norm=args.norm,
-            eps=eps,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            budget=budget,
-        )
-    ours_s = time.perf_counter() - start
-    ours = {
-        "clean": np.asarray(res.clean, bool),
-        "robust": np.asarray(res.robust, bool),
-        "stages": {k: np.asarray(v, bool) for k, v in res.stages.items()},
-        "stage_seconds": {k: float(v) for k, v in res.seconds.items()},
-        "max_perturbation": float(res.max_perturbation),
-    }
+    out = args.out or default_out(run, args, budget)
+    stem = out[:-5] if out.endswith(".json") else out
+    journal = open_journal(
+        stem + "_journal",
+        {
+            "workdir": os.path.abspath(args.workdir),
+            "step": int(run.step),
+            "norm": args.norm,
+            "eps": eps,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "budget": dataclasses.asdict(budget),
+            "points": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
+        },
+    )
+    ours_file = os.path.join(journal, "ours.npz")
+    if os.path.exists(ours_file):
+        ours = load_ours(ours_file)
+        log(f"ours: measured earlier, read from {ours_file}")
+    else:
+        log("ours: samrobust.autoattack (wall time includes compilation)")
+        start = time.perf_counter()
+        with CompileTimer() as compile_timer:
+            res = run_ours(
+                run,
+                x,
+                y.astype(np.int32),
+                norm=args.norm,
+                eps=eps,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                budget=budget,
+            )
+        ours = {
+            "clean": np.asarray(res.clean, bool),
+            "robust": np.asarray(res.robust, bool),
+            "stages": {k: np.asarray(v, bool) for k, v in res.stages.items()},
+            "stage_seconds": {k: float(v) for k, v in res.seconds.items()},
+            "max_perturbation": float(res.max_perturbation),
+            "seconds": time.perf_counter() - start,
+            "compile_seconds": compile_timer.seconds,
+        }
+        save_ours(ours_file, ours)
     log(
         f"ours: robust {ours['robust'].mean():.4f} "
         + " ".join(f"{k}={v.mean():.4f}" for k, v in ours["stages"].items())
-        + f" ({ours_s:.1f} s, compilation {compile_timer.seconds:.1f} s)"
+        + f" ({ours['seconds']:.1f} s, compilation {ours['compile_seconds']:.1f} s)"
     )
 
     log("reference: pyautoattack (fra31/auto-attack)")
     adversary = make_reference(net, norm=args.norm, eps=eps, seed=args.seed, budget=budget)
     start = time.perf_counter()
-    ref = run_reference(adversary, x, y, batch_size=args.batch_size, attacks=budget.attacks)
+    ref = run_reference(
+        adversary,
+        x,
+        y,
+        batch_size=args.batch_size,
+        attacks=budget.attacks,
+        journal=os.path.join(journal, "reference"),
+    )
+    # Resumed: the batches' recorded times (each measured whole, in whichever session ran it).
     ref_s = time.perf_counter() - start
+    if ref["resumed_batches"]:
+        ref_s = sum(ref["stage_seconds"].values())
+    ours_s = ours["seconds"]
 
     results = compare(ours, ref, budget.attacks)
     report = {
@@ -539,11 +657,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "time_s": {
             "ours_total": ours_s,
-            "ours_compile": compile_timer.seconds,
+            "ours_compile": ours["compile_seconds"],
             "ours_stages": ours["stage_seconds"],
             "reference_total": ref_s,
             "reference_stages": ref["stage_seconds"],
             "ratio_reference_over_ours": ref_s / ours_s,
+            "reference_resumed_batches": ref["resumed_batches"],
         },
         "machine": {
             "platform": platform.platform(),
@@ -559,9 +678,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ),
     }
 
-    out = args.out or default_out(run, args, budget)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    stem = out[:-5] if out.endswith(".json") else out
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     with open(stem + ".md", "w") as f:
@@ -571,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         masks.update({f"{who}_{k.replace('-', '_')}": v for k, v in res["stages"].items()})
     np.savez_compressed(stem + "_masks.npz", **masks)
     print(markdown(report), flush=True)
+    shutil.rmtree(journal)  # the report holds everything it recorded
     log(f"wrote {out}, {stem}.md, {stem}_masks.npz")
     return report
 

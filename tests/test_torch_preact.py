@@ -8,6 +8,7 @@ and on odd sizes where XLA's 'SAME' padding of the stride-2 convs is (1, 1), not
 
 import copy
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -156,6 +157,38 @@ def test_reference_cascade_on_the_copy():
         assert not np.any(after & ~before)  # a cascade only removes points
     assert ref["max_perturbation"] <= 0.3 + 1e-6
     assert np.array_equal(ref["robust"], ref["stages"]["square"])
+
+
+def test_an_interrupted_reference_cascade_resumes_from_its_journal(tmp_path):
+    """Every finished (stage, batch) is recorded; a run that lost its last records redoes
+    only those and ends where an uninterrupted run ends."""
+    pytest.importorskip("pyautoattack", reason="pyautoattack is not installed")
+    from experiments import aa_reference
+
+    budget = aa_reference.Budget(n_iter=3, n_target_classes=2, n_queries=4)
+    _, _, net = _setup((8, 8, 1))
+    x = _images(6, 8, 8, 1, seed=3)
+    y = torch_preact.torch_logits(net, x).argmax(1)
+
+    def run(journal):
+        adversary = aa_reference.make_reference(net, norm="l2", eps=0.02, seed=0, budget=budget)
+        return aa_reference.run_reference(
+            adversary, x, y, batch_size=4, attacks=budget.attacks, journal=journal
+        )
+
+    journal = str(tmp_path / "journal")
+    whole = run(journal)
+    records = sorted(os.listdir(journal))
+    assert whole["resumed_batches"] == 0 and len(records) >= len(budget.attacks)
+    os.remove(os.path.join(journal, records[-1]))  # as if killed during that batch
+    resumed = run(journal)
+    assert resumed["resumed_batches"] == len(records) - 1
+    for key in ("clean", "robust"):
+        np.testing.assert_array_equal(resumed[key], whole[key])
+    for name, mask in whole["stages"].items():
+        np.testing.assert_array_equal(resumed["stages"][name], mask)
+    assert resumed["max_perturbation"] == pytest.approx(whole["max_perturbation"])
+    assert set(os.listdir(journal)) == set(records)
 
 
 def test_compile_timer_merges_overlapping_spans():
