@@ -197,3 +197,31 @@ def test_compile_timer_merges_overlapping_spans():
     timer = aa_reference.CompileTimer()
     timer.spans = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)]
     assert timer.seconds == pytest.approx(4.0)
+
+
+def test_a_comparison_journal_keeps_our_result_and_refuses_other_settings(tmp_path):
+    from experiments import aa_reference
+
+    path = str(tmp_path / "j")
+    settings = {"eps": 8 / 255, "norm": "linf", "budget": {"n_iter": 100}}
+    assert aa_reference.open_journal(path, settings) == path
+    ours = {
+        "clean": np.array([True, False, True]),
+        "robust": np.array([False, False, True]),
+        "stages": {"apgd-ce": np.array([True, False, True]), "square": np.array([0, 0, 1], bool)},
+        "stage_seconds": {"apgd-ce": 1.5, "square": 2.0},
+        "max_perturbation": 0.03,
+        "seconds": 4.0,
+        "compile_seconds": 0.5,
+    }
+    aa_reference.save_ours(os.path.join(path, "ours.npz"), ours)
+    back = aa_reference.load_ours(os.path.join(path, "ours.npz"))
+    assert list(back["stages"]) == ["apgd-ce", "square"]
+    for key in ("clean", "robust"):
+        np.testing.assert_array_equal(back[key], ours[key])
+    assert {k: v for k, v in back.items() if k not in ("clean", "robust", "stages")} == {
+        k: v for k, v in ours.items() if k not in ("clean", "robust", "stages")
+    }
+    assert aa_reference.open_journal(path, dict(settings)) == path  # same settings: resume
+    with pytest.raises(SystemExit, match="other settings \\(eps\\)"):
+        aa_reference.open_journal(path, settings | {"eps": 2 / 255})
