@@ -389,6 +389,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{t['reference_resumed_batches']} of them measured before the interruption)"
             if t.get("reference_resumed_batches")
             else ""
+        )
+        + (
+            f"; the reference's figures are those measured {report['reference_from']['measured']}"
+            f" ({report['reference_from']['report']}): it is seeded, so only ours ran again"
+            if report.get("reference_from")
+            else ""
         ),
         "- per stage (s): reference "
         + ", ".join(f"{k} {v:.1f}" for k, v in t["reference_stages"].items())
@@ -475,6 +481,42 @@ def open_journal(path: str, settings: dict[str, Any]) -> str:
     return path
 
 
+def earlier_reference(
+    path: str, settings: dict[str, Any], n: int, attacks: Sequence[str]
+) -> tuple[dict[str, Any], float]:
+    """(the reference's result, its wall time) from an earlier report of the same
+    comparison (``path``, with its ``_masks.npz``: same run, step, first ``n`` points,
+    budget, seed and batch size); exits if it compared anything else."""
+    with open(path) as f:
+        earlier = json.load(f)
+    budget = {k: v for k, v in earlier.get("budget", {}).items() if k != "text"}
+    same = {k: earlier.get(k) for k in ("workdir", "step", "norm", "eps", "seed", "batch_size")}
+    if (
+        same != {k: settings[k] for k in same}
+        or budget != json.loads(json.dumps(settings["budget"]))
+        or earlier.get("n") != n
+    ):
+        raise SystemExit(
+            f"error: --reference_from={path} is not a report of this comparison (other run, "
+            "points, budget, seed or batch size); run the reference again without it"
+        )
+    stem = path[:-5] if path.endswith(".json") else path
+    with np.load(stem + "_masks.npz") as m:
+        stages = {a: m[f"reference_{a.replace('-', '_')}"] for a in attacks}
+        clean = m["clean_reference"]
+    times = earlier["time_s"]
+    ref = {
+        "clean": clean,
+        "robust": stages[attacks[-1]],
+        "stages": stages,
+        "stage_seconds": times["reference_stages"],
+        "max_perturbation": earlier["max_perturbation"]["reference"],
+        "resumed_batches": times.get("reference_resumed_batches", 0),
+        "measured": earlier["date"],
+    }
+    return ref, times["reference_total"]
+
+
 def save_ours(path: str, ours: dict[str, Any]) -> None:
     """Our finished cascade (masks, times) as ``.npz``, for a resumed comparison."""
     scalars = {k: v for k, v in ours.items() if k not in ("clean", "robust", "stages")}
@@ -507,6 +549,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_queries", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference")
     p.add_argument("--torch_threads", type=int, default=None, help="default: torch's")
+    p.add_argument(
+        "--reference_from",
+        default=None,
+        help="an earlier report (JSON) of this comparison: reuse its reference figures "
+        "(the reference is seeded, so only ours is run again)",
+    )
     return p.parse_args(argv)
 
 
@@ -567,19 +615,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     out = args.out or default_out(run, args, budget)
     stem = out[:-5] if out.endswith(".json") else out
-    journal = open_journal(
-        stem + "_journal",
-        {
-            "workdir": os.path.abspath(args.workdir),
-            "step": int(run.step),
-            "norm": args.norm,
-            "eps": eps,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "budget": dataclasses.asdict(budget),
-            "points": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
-        },
-    )
+    settings = {
+        "workdir": os.path.abspath(args.workdir),
+        "step": int(run.step),
+        "norm": args.norm,
+        "eps": eps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "budget": dataclasses.asdict(budget),
+        "points": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
+    }
+    journal = open_journal(stem + "_journal", settings)
     ours_file = os.path.join(journal, "ours.npz")
     if os.path.exists(ours_file):
         ours = load_ours(ours_file)
@@ -614,27 +660,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + f" ({ours['seconds']:.1f} s, compilation {ours['compile_seconds']:.1f} s)"
     )
 
-    log("reference: pyautoattack (fra31/auto-attack)")
-    adversary = make_reference(net, norm=args.norm, eps=eps, seed=args.seed, budget=budget)
-    start = time.perf_counter()
-    ref = run_reference(
-        adversary,
-        x,
-        y,
-        batch_size=args.batch_size,
-        attacks=budget.attacks,
-        journal=os.path.join(journal, "reference"),
-    )
-    # Resumed: the batches' recorded times (each measured whole, in whichever session ran it).
-    ref_s = time.perf_counter() - start
-    if ref["resumed_batches"]:
-        ref_s = sum(ref["stage_seconds"].values())
+    if args.reference_from:
+        ref, ref_s = earlier_reference(args.reference_from, settings, n, budget.attacks)
+        log(f"reference: measured earlier, read from {args.reference_from}")
+    else:
+        log("reference: pyautoattack (fra31/auto-attack)")
+        adversary = make_reference(net, norm=args.norm, eps=eps, seed=args.seed, budget=budget)
+        start = time.perf_counter()
+        ref = run_reference(
+            adversary,
+            x,
+            y,
+            batch_size=args.batch_size,
+            attacks=budget.attacks,
+            journal=os.path.join(journal, "reference"),
+        )
+        # Resumed: the batches' recorded times (each measured whole, in whichever session).
+        ref_s = time.perf_counter() - start
+        if ref["resumed_batches"]:
+            ref_s = sum(ref["stage_seconds"].values())
     ours_s = ours["seconds"]
 
     results = compare(ours, ref, budget.attacks)
     report = {
         "standard": budget.standard,
         "budget": {**dataclasses.asdict(budget), "text": budget.describe()},
+        "reference_from": args.reference_from
+        and {"report": args.reference_from, "measured": ref["measured"]},
         "n": n,
         "norm": args.norm,
         "eps": eps,

@@ -11,9 +11,10 @@ counted. The largest accepted perturbation is verified at the end.
 How the work is laid out (:func:`autoattack`):
 
 - Every run of an attack (a restart or a target class) takes the points still robust,
-  in batches of at most ``batch_size``; a batch's size is the smallest power-of-two
-  multiple of the runner's device count that holds its points, so few shapes compile and
-  few padded rows are computed.
+  in batches of at most ``batch_size``; a batch's size is the device count times the
+  smallest size of a ladder with four steps per octave (..., 128, 160, 192, 224, 256)
+  that holds its points, so few shapes compile and at most a quarter of the rows are
+  padding.
 - Every ``stage.segment`` iterations the driver reads which points are fooled; when the
   points left fit a smaller bucket, the fooled ones are harvested and the rest repacked
   (``compact=True``). Every field of an attack's state is per example and every random
@@ -302,10 +303,14 @@ PROGRESS_SECONDS = 60.0  # the longest a batch runs without a log line
 
 
 def _bucket(n: int, cap: int, multiple: int) -> int:
-    size = multiple
-    while size < n:
-        size *= 2
-    return min(size, cap)
+    """The batch size for ``n`` points: ``multiple`` times the smallest of 1..8, 10, 12, 14,
+    16, 20, 24, 28, 32, 40... (four sizes per octave: at most 25% padding) that holds
+    them, and at most ``cap``."""
+    units = -(-n // multiple)
+    if units > 8:
+        step = 2 ** (units.bit_length() - 3)
+        units = -(-units // step) * step
+    return min(units * multiple, cap)
 
 
 def _attack_batch(
