@@ -576,7 +576,6 @@ def budget_from(args: argparse.Namespace) -> Budget:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.set_verbosity(logging.INFO)  # our cascade's per-batch and progress lines
     budget, eps = budget_from(args), parse_eps(args.eps)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -632,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(f"ours: measured earlier, read from {ours_file}")
     else:
         log("ours: samrobust.autoattack (wall time includes compilation)")
+        logging.set_verbosity(logging.INFO)  # its per-batch and progress lines (not orbax's)
         start = time.perf_counter()
         with CompileTimer() as compile_timer:
             res = run_ours(
