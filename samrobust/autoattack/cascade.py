@@ -16,7 +16,7 @@ How the work is laid out (:func:`autoattack`):
   that holds its points, so few shapes compile and at most a quarter of the rows are
   padding.
 - Every ``stage.segment`` iterations the driver reads which points are fooled; when the
-  points left fit a smaller bucket, the fooled ones are harvested and the rest repacked
+  points left fit half the batch, the fooled ones are harvested and the rest repacked
   (``compact=True``). Every field of an attack's state is per example and every random
   draw comes from the example's own key, so this changes no point's result:
   ``compact=False`` (fixed batches, every run to its end) returns the same robust set.
@@ -357,7 +357,8 @@ def _attack_batch(
                 len(chunk),
                 last_log - t0,
             )
-        if not (finished or _bucket(int(left.sum()), cap, runner.multiple) < size):
+        # Repack once the points left fit half the batch: each new size costs a compilation.
+        if not (finished or _bucket(int(left.sum()), cap, runner.multiple) <= size // 2):
             continue
         done = live & flags["fooled"]
         if done.any():
