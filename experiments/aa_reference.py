@@ -64,6 +64,7 @@ from absl import logging
 
 import samrobust.autoattack as samrobust_aa
 from experiments.torch_preact import from_flax, nhwc_to_nchw, torch_logits
+from samrobust.attacks import parse_eps
 from samrobust.robustness import Run, load_run
 
 STAGES = tuple(samrobust_aa.STANDARD_ATTACKS)  # apgd-ce, apgd-t, fab-t, square
@@ -97,12 +98,6 @@ REDUCED = Budget(n_iter=10, n_target_classes=3, n_queries=100)
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def parse_eps(text: str) -> float:
-    """``8/255`` or ``0.5`` -> float."""
-    num, _, den = text.partition("/")
-    return float(num) / float(den) if den else float(num)
 
 
 # --------------------------------------------------------------------------------------------

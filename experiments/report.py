@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from samrobust import paths
+from samrobust import paths, robustness
 
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
 # Settings that do not change what a run measures: not part of a group's identity.
@@ -92,10 +92,8 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
     for f in sorted(workdir.iterdir()):
         if f.name.startswith("eval_") and f.name.endswith(".json"):
             report = read_json(f)
-            checkpoint = report["run"]["checkpoint"]
-            suite = report["suite"] + {"latest": "", "best": "_best"}.get(
-                checkpoint, f"_step{checkpoint}"
-            )
+            checkpoint = robustness.parse_checkpoint(report["run"]["checkpoint"])
+            suite = report["suite"] + robustness.checkpoint_suffix(checkpoint)
             metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
     return {
         "name": workdir.name,

@@ -285,7 +285,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.eval:
         try:
             eval_stem(args.eval, args.eval_flag)
-        except (ValueError, KeyError) as e:
+        except ValueError as e:
             p.error(f"--eval_flag: {e}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")

@@ -598,9 +598,14 @@ def report_stem(
     stem = f"eval_{suite}"
     if suite != "paper":
         stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
+    return stem + checkpoint_suffix(checkpoint)
+
+
+def checkpoint_suffix(checkpoint: str | int) -> str:
+    """How a report names its checkpoint: ``""`` (latest), ``_best`` or ``_step<N>``."""
     if checkpoint == "latest":
-        return stem
-    return f"{stem}_{checkpoint}" if checkpoint == "best" else f"{stem}_step{checkpoint}"
+        return ""
+    return "_best" if checkpoint == "best" else f"_step{checkpoint}"
 
 
 def save_masks(path: str | epath.Path, masks: Mapping[str, np.ndarray]) -> None:
