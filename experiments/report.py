@@ -7,7 +7,8 @@
 
 Reads every ``ROOT/<run>/results.json`` (from ``samrobust.main``), its ``config.json`` and
 any ``eval_*.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``, e.g.
-``autoattack:autoattack_linf_2/255``; ``<suite>_best:<key>`` for the best checkpoint). Runs are
+``autoattack:autoattack_linf_2/255``; ``<suite>_best:<key>`` for the best checkpoint,
+``autoattack_it10_tc9_q5000:<key>`` for a reduced AutoAttack budget). Runs are
 grouped by their config without the seed (and logging/checkpoint settings), and labelled by
 method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes to ``--out``
 (default ROOT). Both may be ``gs://bucket/dir`` (see ``samrobust.paths``):
@@ -41,6 +42,7 @@ import numpy as np
 from etils import epath
 
 from samrobust import paths, robustness
+from samrobust.autoattack import Budget
 
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
 # Settings that do not change what a run measures: not part of a group's identity.
@@ -93,7 +95,12 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
         if f.name.startswith("eval_") and f.name.endswith(".json"):
             report = read_json(f)
             checkpoint = robustness.parse_checkpoint(report["run"]["checkpoint"])
-            suite = report["suite"] + robustness.checkpoint_suffix(checkpoint)
+            budget = report.get("autoattack", {}).get("budget")
+            suite = (
+                report["suite"]
+                + (robustness.budget_suffix(Budget(**budget)) if budget else "")
+                + robustness.checkpoint_suffix(checkpoint)
+            )
             metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
     return {
         "name": workdir.name,

@@ -236,13 +236,17 @@ def run_logged(command: Sequence[str], log_path: epath.Path) -> int:
 
 def eval_stem(suite: str, flags: Sequence[str]) -> str:
     """The report stem ``samrobust.evaluate --suite=SUITE FLAGS`` writes, e.g.
-    ``eval_autoattack_linf_2_255`` (ValueError for a bad --eps or --checkpoint)."""
+    ``eval_autoattack_linf_2_255`` (ValueError for a bad --eps, --checkpoint or budget)."""
     from samrobust import attacks, robustness
+    from samrobust.autoattack import Budget
 
     opts = dict(f.removeprefix("--").partition("=")[::2] for f in flags)
     checkpoint = robustness.parse_checkpoint(opts.get("checkpoint", "latest"))
     eps = attacks.parse_eps(opts["eps"]) if opts.get("eps") else None
-    return robustness.report_stem(suite, checkpoint, opts.get("norm") or None, eps)
+    budget = Budget(
+        **{k: int(opts[k]) for k in ("n_iter", "n_target_classes", "n_queries") if k in opts}
+    )
+    return robustness.report_stem(suite, checkpoint, opts.get("norm") or None, eps, budget)
 
 
 def log_tail(log_path: epath.Path, lines: int = 15) -> str:

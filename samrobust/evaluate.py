@@ -12,10 +12,12 @@ step; reports then end in ``_best`` / ``_step<STEP>``) with the model from
 ``DIR/<stem>.json`` (accuracies, images/s, budgets, AutoAttack details, warnings, the
 run), the table ``DIR/<stem>.md`` and the per-example masks ``DIR/<stem>_masks.npz``, where
 the stem is ``eval_paper``, or ``eval_autoattack_linf_8_255`` / ``eval_full_l2_0.5`` with
-the AutoAttack budget, so that several budgets live side by side. ``--batch_size`` (global)
+the AutoAttack radius, so that several radii live side by side. ``--batch_size`` (global)
 and ``--seed`` default to the run's ``eval_batch_size`` and ``seed``; ``--data_dir``
 overrides the run's. ``--n_iter``, ``--n_target_classes`` and ``--n_queries`` shrink
-AutoAttack's budget (100 / 9 / 5000) for quick looks; ``--unroll`` sets the attacks' loop unrolling.
+AutoAttack's budget (100 / 9 / 5000) for quick looks (the stem then ends in
+``_it<N>_tc<N>_q<N>``, e.g. ``eval_autoattack_linf_8_255_it10_tc9_q5000``); ``--unroll``
+sets the attacks' loop unrolling.
 
 AutoAttack records every finished batch in ``DIR/<report stem>_journal/``: a killed
 evaluation, run again with the same flags, continues where it stopped and ends with the same
@@ -123,7 +125,7 @@ def main(argv: Sequence[str]) -> None:
             attacks.format_eps(eps),
             ", CIFAR's budget: digits has no standard one" if ds.name == "digits" else "",
         )
-    stem = robustness.report_stem(FLAGS.suite, checkpoint, FLAGS.norm, eps)
+    stem = robustness.report_stem(FLAGS.suite, checkpoint, FLAGS.norm, eps, budget)
     journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
     logging.info(
         "Evaluating %s step %d (%s, %s width %d) on %d %s test examples: %s suite, batch %d, "

@@ -399,6 +399,7 @@ def evaluate(
             "attacked": result.attacked,
             "rejected": result.rejected,
             "resumed_batches": result.resumed,
+            "budget": budget_dict,
         }
         if journal is not None:
             report["autoattack"]["journal"] = str(journal.path)
@@ -591,14 +592,24 @@ def report_stem(
     checkpoint: str | int = "latest",
     norm: str | None = None,
     eps: float | None = None,
+    budget: aa.Budget = aa.STANDARD_BUDGET,
 ) -> str:
-    """``eval_<suite>``, with the AutoAttack budget for the ``autoattack`` and ``full``
-    suites (``eval_autoattack_linf_8_255``, so budgets do not overwrite each other), then
-    ``_best`` for the best checkpoint or ``_step<N>`` for step N."""
+    """``eval_<suite>``, with the AutoAttack radius for the ``autoattack`` and ``full``
+    suites (``eval_autoattack_linf_8_255``, so radii do not overwrite each other) and
+    :func:`budget_suffix`, then ``_best`` for the best checkpoint or ``_step<N>`` for step N."""
     stem = f"eval_{suite}"
     if suite != "paper":
         stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
+        stem += budget_suffix(budget)
     return stem + checkpoint_suffix(checkpoint)
+
+
+def budget_suffix(budget: aa.Budget) -> str:
+    """``""`` for the standard AutoAttack budget, else ``_it<n_iter>_tc<targets>_q<queries>``
+    (a quick look never overwrites, nor is reported as, the standard protocol)."""
+    if budget.standard:
+        return ""
+    return f"_it{budget.n_iter}_tc{budget.n_target_classes}_q{budget.n_queries}"
 
 
 def checkpoint_suffix(checkpoint: str | int) -> str:

@@ -100,5 +100,10 @@ def test_report_stems_keep_autoattack_budgets_apart():
     assert stem("autoattack", "latest", "linf", 2 / 255) == "eval_autoattack_linf_2_255"
     assert stem("full", 1248, "l2") == "eval_full_l2_0.5_step1248"
     assert stem("autoattack", "best", "l2", 0.25) == "eval_autoattack_l2_0.25_best"
+    quick = Budget(n_iter=10, n_queries=100)  # a quick look keeps off the standard report
+    assert stem("autoattack", "best", None, None, quick) == (
+        "eval_autoattack_linf_8_255_it10_tc9_q100_best"
+    )
+    assert stem("autoattack", budget=Budget()) == "eval_autoattack_linf_8_255"
     with pytest.raises(ValueError, match="norm"):
         stem("autoattack", norm="l3")

@@ -183,6 +183,16 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
             json.dump(
                 {"suite": "autoattack", "run": {"checkpoint": "latest"}, "accuracy": accuracy}, f
             )
+    with open(os.path.join(workdir, "eval_autoattack_linf_8_255_it10_tc9_q5000.json"), "w") as f:
+        json.dump(  # a quick look with a reduced budget: not the standard protocol's figure
+            {
+                "suite": "autoattack",
+                "run": {"checkpoint": "latest"},
+                "accuracy": {"autoattack_linf_8/255": 0.78},
+                "autoattack": {"budget": {"n_iter": 10, "n_target_classes": 9, "n_queries": 5000}},
+            },
+            f,
+        )
     write_run(root, "sgd_w32_s0", 0, {"clean": 0.99, key: 0.7}, 40.0, width=32)
     os.makedirs(os.path.join(root, "unfinished_s0", "checkpoints"))
 
@@ -217,15 +227,19 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
         "values": [0.7],
     }
     assert at_g["metrics"]["autoattack:autoattack_linf_2/255"]["values"] == [0.75]
+    quick = at_g["metrics"]["autoattack_it10_tc9_q5000:autoattack_linf_8/255"]
+    assert quick["values"] == [0.78]
     np.testing.assert_allclose(at_g["metrics"][key]["std"], np.std([0.8, 0.9], ddof=1))
 
     md = open(tmp_path / "out" / "report.md").read()
     assert (
-        "| SGD (width=16) | digits | 3 | 93.0 ± 3.6 | 55.0 ± 5.0 | – | – | – | 12.0 ± 2.0 |" in md
+        "| SGD (width=16) | digits | 3 | 93.0 ± 3.6 | 55.0 ± 5.0 | – | – | – | – | 12.0 ± 2.0 |"
+        in md
     )
     assert f"| {ratios.mean():.2f} ± {ratios.std(ddof=1):.2f} [2] |" in md
     assert (
-        "| AT Linf 8/255 PGD-10 | digits | 2 | 80.0 ± 0.0 | 85.0 ± 7.1 | 80.0 | 75.0 | 70.0 |" in md
+        "| AT Linf 8/255 PGD-10 | digits | 2 | 80.0 ± 0.0 | 85.0 ± 7.1 | 80.0 | 75.0 | 70.0 "
+        "| 78.0 |" in md
     )
     assert "unfinished_s0" in md
     assert os.path.getsize(tmp_path / "out" / "report.png") > 10_000
@@ -269,6 +283,8 @@ def test_eval_flags_name_the_report_a_run_is_checked_for(tmp_path, capsys):
     flags = ["--eps=2/255", "--num_examples=1000", "--checkpoint=best"]
     assert sweep.eval_stem("autoattack", flags) == "eval_autoattack_linf_2_255_best"
     assert sweep.eval_stem("paper", ["--num_examples=10"]) == "eval_paper"
+    quick = sweep.eval_stem("autoattack", ["--n_iter=10"])
+    assert quick == "eval_autoattack_linf_8_255_it10_tc9_q5000"
     args = ["--grid=smoke", f"--root={tmp_path}", "--eval=autoattack", "--eval_flag=--eps=x"]
     with pytest.raises(SystemExit) as e:
         sweep.main(args)
