@@ -64,6 +64,7 @@ from absl import logging
 
 import samrobust.autoattack as samrobust_aa
 from experiments.torch_preact import from_flax, nhwc_to_nchw, torch_logits
+from samrobust import parallel
 from samrobust.attacks import parse_eps
 from samrobust.robustness import Run, load_run
 
@@ -398,7 +399,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- budget: {report['budget']['text']}; batch size {report['batch_size']}; "
         f"seed {report['seed']}",
         f"- machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs "
-        f"(torch threads {report['machine']['torch_threads']}); {report['date']}",
+        f"(torch threads {report['machine']['torch_threads']}); "
+        f"XLA_FLAGS={report['machine'].get('xla_flags', '(not recorded)')!r}; {report['date']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"- command: `{report['command']}`",
         "",
@@ -571,6 +573,7 @@ def budget_from(args: argparse.Namespace) -> Budget:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    parallel.set_xla_cpu_defaults()
     budget, eps = budget_from(args), parse_eps(args.eps)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -717,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "jax_devices": [str(d) for d in jax.devices()],
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
         "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

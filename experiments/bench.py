@@ -421,6 +421,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--cpu_devices", type=int, default=None, help=parallel.CPU_DEVICES_HELP)
     args = p.parse_args()
+    parallel.set_xla_cpu_defaults()
     parallel.set_cpu_devices(args.cpu_devices)
     sections = args.sections.split(",")
     result = {
@@ -430,6 +431,7 @@ def main() -> None:
         f"({jax.default_backend()})",
         "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "args": vars(args),
     }
     if "train" in sections:

@@ -12,4 +12,8 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}=8".strip()
 
+from samrobust import parallel  # noqa: E402
+
+parallel.set_xla_cpu_defaults()  # the CPU settings the command lines use
+
 from tests.toy_models import linear5, mlp  # noqa: E402, F401  (fixtures of the attack tests)

@@ -2,6 +2,8 @@
 global batch (for a model without BatchNorm, whose statistics are per device by design),
 and the replicated parameters stay identical on every device."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,3 +67,19 @@ def test_eight_devices_equal_one_device_on_the_same_global_batch(name, config):
 def test_cpu_devices_flag_validation():
     with pytest.raises(ValueError, match="cpu_devices must be >= 1"):
         parallel.set_cpu_devices(0)
+
+
+def test_xla_cpu_defaults_turn_ynn_fusions_off_unless_the_user_decided(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    parallel.set_xla_cpu_defaults()
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="
+    )
+    mine = "--xla_cpu_experimental_ynn_fusion_type=+x"
+    monkeypatch.setenv("XLA_FLAGS", mine)
+    parallel.set_xla_cpu_defaults()
+    assert os.environ["XLA_FLAGS"] == mine
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(parallel, "YNN_MEASURED", frozenset())  # a jaxlib not measured
+    parallel.set_xla_cpu_defaults()
+    assert "XLA_FLAGS" not in os.environ
