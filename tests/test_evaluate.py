@@ -18,6 +18,9 @@ from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_en
 
 N = 32  # test examples evaluated
 AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]
+# The reports' stems: a reduced budget is named, never written as the standard protocol.
+FULL_STEM = "eval_full_linf_8_255_it10_tc9_q100"
+AA_STEM = "eval_autoattack_linf_8_255_it10_tc9_q100"
 PAPER = [
     "clean",
     "pgd10_ce_linf_1/255",
@@ -57,9 +60,9 @@ def full_eval(run_dir) -> tuple[subprocess.CompletedProcess, dict, dict]:
         run_dir, "--suite=full", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST, devices=1
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(os.path.join(run_dir, "eval_full_linf_8_255.json")) as f:
+    with open(os.path.join(run_dir, f"{FULL_STEM}.json")) as f:
         report = json.load(f)
-    with np.load(os.path.join(run_dir, "eval_full_linf_8_255_masks.npz")) as m:
+    with np.load(os.path.join(run_dir, f"{FULL_STEM}_masks.npz")) as m:
         masks = dict(m)
     return proc, report, masks
 
@@ -107,7 +110,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
     assert details["attacked"]["apgd-ce"] == masks["clean"].sum()
     assert any("reduced AutoAttack budget" in w for w in report["warnings"])
 
-    with open(os.path.join(run_dir, "eval_full_linf_8_255.md")) as f:
+    with open(os.path.join(run_dir, f"{FULL_STEM}.md")) as f:
         md = f.read()
     assert "| attack | norm | eps | accuracy | img/s |" in md
     assert "| PGD-20 CW, step 2/255 | linf | 8/255 |" in md
@@ -211,7 +214,7 @@ def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, tmp_
     proc = run_evaluate(whole, *flags, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    journal = os.path.join(killed, "eval_autoattack_linf_8_255_journal")
+    journal = os.path.join(killed, f"{AA_STEM}_journal")
     child = subprocess.Popen(
         [sys.executable, "-m", "samrobust.evaluate", f"--workdir={killed}", *flags],
         cwd=REPO,
@@ -228,20 +231,16 @@ def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, tmp_
     assert child.poll() is None, "the evaluation ended before it could be killed"
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert not os.path.exists(os.path.join(killed, "eval_autoattack_linf_8_255.json"))
+    assert not os.path.exists(os.path.join(killed, f"{AA_STEM}.json"))
 
     proc = run_evaluate(killed, *flags, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stale" in proc.stderr  # the killed process's lock
-    reports = [
-        json.load(open(os.path.join(w, "eval_autoattack_linf_8_255.json"))) for w in (whole, killed)
-    ]
+    reports = [json.load(open(os.path.join(w, f"{AA_STEM}.json"))) for w in (whole, killed)]
     assert reports[1]["autoattack"]["resumed_batches"] >= 3
     assert reports[0]["accuracy"] == reports[1]["accuracy"]
     assert reports[0]["autoattack"]["stages"] == reports[1]["autoattack"]["stages"]
-    masks = [
-        np.load(os.path.join(w, "eval_autoattack_linf_8_255_masks.npz")) for w in (whole, killed)
-    ]
+    masks = [np.load(os.path.join(w, f"{AA_STEM}_masks.npz")) for w in (whole, killed)]
     for key in masks[0].files:
         np.testing.assert_array_equal(masks[0][key], masks[1][key])
     assert not os.path.exists(journal)  # removed once the report is written
