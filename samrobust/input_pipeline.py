@@ -42,6 +42,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from samrobust import paths
 from samrobust.errors import UserError
 
 TFDS_DATASETS = {
@@ -225,8 +226,8 @@ def cache_directory(cache_dir: str | None = None) -> epath.Path:
         return epath.Path(cache_dir)
     if os.environ.get("SAMROBUST_CACHE"):
         return epath.Path(os.environ["SAMROBUST_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return epath.Path(xdg) / "samrobust"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (epath.Path(xdg) if xdg else epath.Path("~/.cache").expanduser()) / "samrobust"
 
 
 def _is_archive(root: epath.Path) -> bool:
@@ -235,7 +236,7 @@ def _is_archive(root: epath.Path) -> bool:
 
 def _stat(path: epath.Path) -> tuple[int, int]:
     """(size, modification time): nanoseconds on local disks, the store's own unit remotely."""
-    if "://" in os.fspath(path):
+    if not paths.is_local(path):
         st = path.stat()
         return st.length, st.mtime
     st = os.stat(path)

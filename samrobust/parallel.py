@@ -58,7 +58,7 @@ def set_xla_cpu_defaults() -> None:
     before JAX's first operation; it changes only the CPU backend.
 
     On 2 cores with jaxlib 0.10.2, PreActResNet-18 width 8, batch 128, one CPU device, the
-    train step ran 1.25-1.3x faster (SGD 278-284 ms vs 358-393 ms, SAM 539-601 vs 704-761,
+    train step ran 1.1-1.3x faster (SGD 278-284 ms vs 358-393 ms, SAM 539-601 vs 704-761,
     PGD-5 AT 1290-1300 vs 1371-1496; ``experiments/results/bench_cpu_ynn_w8_b128.txt``)
     and AutoAttack on an AT model took 1109 s instead of 1693 s
     (``experiments/results/aa_reference/*_noynn.md``). An ``XLA_FLAGS`` that names the flag
