@@ -243,9 +243,11 @@ def eval_stem(suite: str, flags: Sequence[str]) -> str:
     opts = dict(f.removeprefix("--").partition("=")[::2] for f in flags)
     checkpoint = robustness.parse_checkpoint(opts.get("checkpoint", "latest"))
     eps = attacks.parse_eps(opts["eps"]) if opts.get("eps") else None
-    budget = Budget(
-        **{k: int(opts[k]) for k in ("n_iter", "n_target_classes", "n_queries") if k in opts}
-    )
+    budget_opts = {k: opts[k] for k in ("n_iter", "n_target_classes", "n_queries") if k in opts}
+    for k, v in budget_opts.items():
+        if not v.isdigit():
+            raise ValueError(f"--{k}={v}: expected a whole number, e.g. --{k}=10")
+    budget = Budget(**{k: int(v) for k, v in budget_opts.items()})
     return robustness.report_stem(suite, checkpoint, opts.get("norm") or None, eps, budget)
 
 

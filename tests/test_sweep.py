@@ -285,6 +285,8 @@ def test_eval_flags_name_the_report_a_run_is_checked_for(tmp_path, capsys):
     assert sweep.eval_stem("paper", ["--num_examples=10"]) == "eval_paper"
     quick = sweep.eval_stem("autoattack", ["--n_iter=10"])
     assert quick == "eval_autoattack_linf_8_255_it10_tc9_q5000"
+    with pytest.raises(ValueError, match="--n_iter=x: expected a whole number"):
+        sweep.eval_stem("autoattack", ["--n_iter=x"])
     args = ["--grid=smoke", f"--root={tmp_path}", "--eval=autoattack", "--eval_flag=--eps=x"]
     with pytest.raises(SystemExit) as e:
         sweep.main(args)
