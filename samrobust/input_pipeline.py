@@ -7,8 +7,9 @@ Sources (``config.dataset``):
 - ``image_folder``: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` (jpg, jpeg, png;
   class index = position in the sorted train folder names), ``ROOT`` a directory or a
   ``.tar``/``.tar.gz`` archive of one. Decoded with Pillow in threads; the uint8 arrays
-  are cached (:func:`cache_directory`), keyed by the files' names, sizes and modification
-  times, so a changed folder or archive is decoded again. Normalisation statistics are
+  are cached (:func:`cache_directory`), keyed by a local archive's content, else by the
+  path and the files' names, sizes and modification times: a changed folder or archive is
+  decoded again, a moved or re-copied local archive is not. Normalisation statistics are
   computed on the whole train split.
 - ``cifar10``, ``cifar100``, ``svhn_cropped``: tfds, imported only when asked for and
   first choice when prepared in ``data_dir``. ``cifar10``/``cifar100`` also read
@@ -259,9 +260,15 @@ def _folder_files(root: epath.Path) -> dict[str, list[tuple[str, int, int]]]:
 
 
 def _fingerprint(root: epath.Path) -> str:
-    """A hash of what the cache depends on: the archive's size and mtime, or every image
-    file's name, size and mtime."""
-    h = hashlib.sha256(b"samrobust image_folder v1\0")
+    """A hash of what the cache depends on. A local archive: its content (so a copy of it, or
+    the same file under another path or mtime, hits the same cache). A remote archive: its
+    path, size and mtime. A folder: its path and every image file's name, size and mtime."""
+    h = hashlib.sha256(b"samrobust image_folder v2\0")
+    if _is_archive(root) and paths.is_local(root):
+        with root.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.hexdigest()[:20]
     h.update(os.fspath(root).encode())
     if _is_archive(root):
         h.update("{} {}".format(*_stat(root)).encode())
@@ -378,7 +385,7 @@ def load_image_folder(data_dir: str | None, cache_dir: str | None = None) -> Dat
             "--config.dataset=image_folder needs --config.data_dir=ROOT, a folder (or .tar/"
             ".tar.gz) holding train/<class>/*.jpg and test/<class>/*.jpg"
         )
-    root = epath.Path(data_dir).expanduser()
+    root = paths.path(epath.Path(data_dir).expanduser())
     if not root.exists():
         raise DatasetUnavailableError(
             f"--config.data_dir={data_dir} does not exist: pass a folder (or .tar/.tar.gz) "

@@ -106,6 +106,44 @@ def test_cache_is_used_then_invalidated_by_a_change(folder, tmp_path, monkeypatc
     np.testing.assert_array_equal(np.round(changed.train_images[-1] * 255), image(99))
 
 
+def test_archive_cache_follows_content_not_path_or_mtime(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    archive = tmp_path / "a" / "images.tar"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root / "train", arcname="train")
+        tar.add(root / "test", arcname="test")
+    first = load(archive, tmp_path)
+    real_decode = input_pipeline._decode_folder
+
+    def no_decode(path):
+        raise AssertionError(f"decoded {path} again instead of using the cache")
+
+    monkeypatch.setattr(input_pipeline, "_decode_folder", no_decode)
+    copy = tmp_path / "b" / "images.tar"  # a re-copy: another path, a newer mtime
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    os.utime(copy, ns=(archive.stat().st_mtime_ns + 10**9,) * 2)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(load("b/images.tar", tmp_path).train_images, first.train_images)
+
+    with tarfile.open(copy, "a") as tar:  # a change of content
+        tar.add(root / "train" / "cat" / "000.png", arcname="train/cat/extra.png")
+    with pytest.raises(AssertionError, match="decoded"):
+        load(copy, tmp_path)
+    monkeypatch.setattr(input_pipeline, "_decode_folder", real_decode)
+    assert len(load(copy, tmp_path).train_labels) == 19
+    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 2
+
+
+def test_a_folder_by_relative_or_absolute_path_shares_one_cache(folder, tmp_path, monkeypatch):
+    root, _ = folder
+    load(root, tmp_path)
+    monkeypatch.chdir(root.parent)
+    load(root.name, tmp_path)
+    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 1
+
+
 def break_layout(root, case: str) -> str:
     """Damages a folder as ``case`` says; returns a text the error must contain."""
     if case == "no_train":
