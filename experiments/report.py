@@ -28,7 +28,9 @@ method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes t
 ``--robust_key`` is any metric in the table, e.g. ``pgd10_ce_l2_32/255`` or
 ``autoattack:autoattack_linf_8/255``. ``train_seconds`` excludes compilation; a run resumed
 from a checkpoint counts only its last segment, and one resumed after its last step (0 s)
-is left out of the timings.
+is left out of the timings. ``--no-measured_cost`` leaves the train seconds, their ratio
+to SGD's and the cost panel out (only the nominal cost stays): for runs that shared the
+machine unevenly, whose seconds measure the load and not the method.
 """
 
 import argparse
@@ -273,8 +275,15 @@ def format_stat(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 1
     return mean if stat["n"] < 2 else f"{mean} ± {stat['std'] * scale:.{digits}f}"
 
 
-def markdown(groups: Sequence[dict[str, Any]], root: str, incomplete: Sequence[str]) -> str:
-    """The Markdown report: one row per group, accuracies in %."""
+def markdown(
+    groups: Sequence[dict[str, Any]],
+    root: str,
+    incomplete: Sequence[str],
+    measured_cost: bool = True,
+) -> str:
+    """The Markdown report: one row per group, accuracies in %. Without ``measured_cost``
+    the train seconds and their ratio to SGD's are left out (runs timed on a shared
+    machine), only the nominal cost is shown."""
     keys = list(dict.fromkeys(k for g in groups for k in g["metrics"]))
     keys = sorted(keys, key=lambda k: (":" in k, k != "clean"))  # clean, main eval, eval_*
     n_runs = sum(len(g["runs"]) for g in groups)
@@ -282,12 +291,19 @@ def markdown(groups: Sequence[dict[str, Any]], root: str, incomplete: Sequence[s
         f"# Sweep report: {root}",
         "",
         f"{n_runs} finished runs in {len(groups)} groups. Accuracy in % (mean ± sample std "
-        "over seeds); cost = train seconds / SGD's (same seed, same data and model settings),"
-        " nominal cost in brackets.",
+        "over seeds); "
+        + (
+            "cost = train seconds / SGD's (same seed, same data and model settings), nominal "
+            "cost in brackets."
+            if measured_cost
+            else "nominal cost = gradient computations per step / SGD's (the runs' train "
+            "seconds are left out: they were not timed alike, see --no-measured_cost)."
+        ),
     ]
     if incomplete:
         lines.append(f"Unfinished or unreadable (left out): {', '.join(incomplete)}.")
-    header = ["Method", "Dataset", "Seeds", *keys, "Train s", "Cost vs SGD"]
+    cost_header = ["Train s", "Cost vs SGD"] if measured_cost else ["Nominal cost"]
+    header = ["Method", "Dataset", "Seeds", *keys, *cost_header]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         row = [
@@ -295,8 +311,14 @@ def markdown(groups: Sequence[dict[str, Any]], root: str, incomplete: Sequence[s
             str(g["dataset"]),
             str(len(g["runs"])),
             *(format_stat(g["metrics"].get(k), 100.0) for k in keys),
-            format_stat(g["train_seconds"]),
-            f"{format_stat(g['cost_vs_sgd'], digits=2)} [{g['nominal_cost']}]",
+            *(
+                [
+                    format_stat(g["train_seconds"]),
+                    f"{format_stat(g['cost_vs_sgd'], digits=2)} [{g['nominal_cost']}]",
+                ]
+                if measured_cost
+                else [str(g["nominal_cost"])]
+            ),
         ]
         lines.append("| " + " | ".join(row) + " |")
     paired = [g for g in groups if g["method"]["mode"] != "sgd" and g["vs_sgd"]]
@@ -370,24 +392,32 @@ def _plot_tradeoff(ax_acc, here, robust_key: str, dataset: str, colors: dict) ->
     ax_acc.legend(fontsize=8)
 
 
-def plot(groups: Sequence[dict[str, Any]], robust_keys: Sequence[str], path: epath.Path) -> None:
-    """Per dataset: clean vs robust accuracy per key (curves over rho / eps), cost vs SGD."""
+def plot(
+    groups: Sequence[dict[str, Any]],
+    robust_keys: Sequence[str],
+    path: epath.Path,
+    measured_cost: bool = True,
+) -> None:
+    """Per dataset: clean vs robust accuracy per key (curves over rho / eps) and, with
+    ``measured_cost``, cost vs SGD."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(g["dataset"] for g in groups))
-    cols = len(robust_keys) + 1
+    cols = len(robust_keys) + measured_cost
     fig, axes = plt.subplots(
         len(datasets), cols, figsize=(6.5 * cols, 5.5 * len(datasets)), squeeze=False
     )
     colors = dict(zip(FAMILIES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for (*acc_axes, ax_cost), dataset in zip(axes, datasets, strict=True):
+    for row, dataset in zip(axes, datasets, strict=True):
         here = [g for g in groups if g["dataset"] == dataset]
-        for ax_acc, robust_key in zip(acc_axes, robust_keys, strict=True):
+        for ax_acc, robust_key in zip(row, robust_keys, strict=False):
             _plot_tradeoff(ax_acc, here, robust_key, dataset, colors)
-
+        if not measured_cost:
+            continue
+        ax_cost = row[-1]
         ax_cost.set_title(f"{dataset}: training cost (mean over seeds)")
         costed = [g for g in here if g["cost_vs_sgd"] is not None]
         if not costed:
@@ -424,9 +454,13 @@ def plot(groups: Sequence[dict[str, Any]], robust_keys: Sequence[str], path: epa
 
 
 def report(
-    root: str, out: str | None = None, robust_keys: Sequence[str] = (DEFAULT_ROBUST_KEY,)
+    root: str,
+    out: str | None = None,
+    robust_keys: Sequence[str] = (DEFAULT_ROBUST_KEY,),
+    measured_cost: bool = True,
 ) -> dict:
-    """Writes report.md, report.png and report.json to ``out`` (default ``root``)."""
+    """Writes report.md, report.png and report.json to ``out`` (default ``root``);
+    ``measured_cost=False`` leaves the runs' train seconds out of report.md and the plot."""
     out = out or root
     runs, incomplete = load_runs(root)
     if not runs:
@@ -440,8 +474,8 @@ def report(
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {"root": root, "robust_keys": robust_keys, "incomplete": incomplete, "groups": groups}
     (out_dir / "report.json").write_text(json.dumps(data, indent=2))
-    (out_dir / "report.md").write_text(markdown(groups, root, incomplete))
-    plot(groups, robust_keys, out_dir / "report.png")
+    (out_dir / "report.md").write_text(markdown(groups, root, incomplete, measured_cost))
+    plot(groups, robust_keys, out_dir / "report.png", measured_cost)
     return data
 
 
@@ -455,11 +489,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"robust metric to plot against clean accuracy, repeatable (default "
         f"{DEFAULT_ROBUST_KEY}); keys in no run are skipped",
     )
+    p.add_argument(
+        "--measured_cost",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show the runs' train seconds and their ratio to SGD's (--no-measured_cost: "
+        "only the nominal cost, for runs that shared the machine unevenly)",
+    )
     args = p.parse_args(argv)
     try:
-        data = report(args.root, args.out, args.robust_key or [DEFAULT_ROBUST_KEY])
+        data = report(
+            args.root, args.out, args.robust_key or [DEFAULT_ROBUST_KEY], args.measured_cost
+        )
     except ValueError as e:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or args.root
     print(f"{len(data['groups'])} groups -> {out}/report.md, report.png, report.json")

@@ -264,6 +264,14 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     with pytest.raises(ValueError, match="available"):
         report.report(root, str(tmp_path / "out"), ["pgd10_ce_linf_8/255"])
 
+    # Runs timed on an unevenly shared machine: only the nominal cost is reported.
+    assert report.main([f"--root={root}", f"--out={tmp_path / 'out3'}", "--no-measured_cost"]) == 0
+    md = open(tmp_path / "out3" / "report.md").read()
+    assert "Train s" not in md and "Cost vs SGD" not in md and "| Nominal cost |" in md
+    assert "| SGD (width=16) | digits | 3 | 93.0 ± 3.6 | 55.0 ± 5.0 | – | – | – | – | 1 |" in md
+    assert "| AT Linf 8/255 PGD-10 | digits | 2 |" in md and md.count("| 11 |") == 1
+    assert os.path.getsize(tmp_path / "out3" / "report.png") > 10_000
+
 
 def test_shards_partition_the_grid(tmp_path, capsys):
     root = str(tmp_path)
