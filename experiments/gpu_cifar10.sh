@@ -12,7 +12,7 @@
 #   EXTRA="--config.width=4 --config.train_examples=300 --config.eval_num_examples=100"),
 #   WHEELS (default .whl: wheels installed first when ml_collections is missing).
 # Workdirs go to $TMPDIR; OUTDIR gets each run's results, evaluations and logs (no
-# checkpoints), their logs and timings.txt.
+# checkpoints), and timings.txt.
 set -euo pipefail
 out=${1:?usage: gpu_cifar10.sh OUTDIR DATA [EPOCHS]}
 data=${2:?usage: gpu_cifar10.sh OUTDIR DATA [EPOCHS]}

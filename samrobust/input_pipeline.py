@@ -268,11 +268,11 @@ def _fingerprint(root: epath.Path) -> str:
         with root.open("rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
-        return h.hexdigest()[:20]
-    h.update(os.fspath(root).encode())
-    if _is_archive(root):
+    elif _is_archive(root):
+        h.update(os.fspath(root).encode())
         h.update("{} {}".format(*_stat(root)).encode())
     else:
+        h.update(os.fspath(root).encode())
         for split, entries in _folder_files(root).items():
             for rel, size, mtime in entries:
                 h.update(f"{split} {rel} {size} {mtime}\n".encode())
