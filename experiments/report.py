@@ -115,7 +115,10 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
 def load_runs(root: epath.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     """(finished runs, names of run directories without results.json or config.json)."""
     runs, incomplete = [], []
-    for workdir in sorted(paths.path(root).iterdir()):
+    root_dir = paths.path(root)
+    if not root_dir.is_dir():
+        raise ValueError(f"--root={root} is not a directory: pass the sweep's --root")
+    for workdir in sorted(root_dir.iterdir()):
         if not workdir.is_dir():
             continue
         if all((workdir / f).exists() for f in ("results.json", "config.json")):

@@ -264,6 +264,9 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     with pytest.raises(ValueError, match="available"):
         report.report(root, str(tmp_path / "out"), ["pgd10_ce_linf_8/255"])
 
+    with pytest.raises(ValueError, match="is not a directory"):
+        report.report(str(tmp_path / "none"))
+
     # Runs timed on an unevenly shared machine: only the nominal cost is reported.
     assert report.main([f"--root={root}", f"--out={tmp_path / 'out3'}", "--no-measured_cost"]) == 0
     md = open(tmp_path / "out3" / "report.md").read()
