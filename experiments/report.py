@@ -21,8 +21,10 @@ method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes t
   seed (and the same non-method config), mean ± std over seeds, and in how many seeds the
   method was higher.
 - ``report.png``: per dataset, clean accuracy against each ``--robust_key`` accuracy
-  (repeatable; keys no run has are skipped) with error bars: SAM over rho, Linf AT and L2
-  AT over eps as curves, SAM+AT and SGD as points; then the training cost relative to SGD.
+  (repeatable; keys no run has are skipped; the clean accuracy is the one measured on the
+  same points, e.g. ``autoattack:clean`` on AutoAttack's first N images) with error bars:
+  SAM over rho, Linf AT and L2 AT over eps as curves, SAM+AT and SGD as points; then the
+  training cost relative to SGD.
 - ``report.json``: everything in the table, with the per-seed values.
 
 ``--robust_key`` is any metric in the table, e.g. ``pgd10_ce_l2_32/255`` or
@@ -351,23 +353,41 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def clean_key(robust_key: str) -> str:
+    """The clean accuracy measured on the same points as ``robust_key``: an ``eval_*``
+    report's own (``autoattack:clean`` on its first N test images for
+    ``autoattack:autoattack_linf_8/255``), else training's paper suite ``clean``."""
+    suite, sep, _ = robust_key.rpartition(":")
+    return f"{suite}:clean" if sep else "clean"
+
+
+def tradeoff_series(
+    here: Sequence[dict[str, Any]], robust_key: str
+) -> dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]]:
+    """(family, base settings) -> [(group, robust stat, clean stat on the same points)] for
+    the groups that have ``robust_key``."""
+    series: dict[tuple[str, str], list] = {}
+    for g in here:
+        m = g["metrics"]
+        if robust_key in m:
+            clean = m.get(clean_key(robust_key), m["clean"])
+            key = (g["family"], json.dumps(g["base"], sort_keys=True))
+            series.setdefault(key, []).append((g, m[robust_key], clean))
+    return series
+
+
 def _plot_tradeoff(ax_acc, here, robust_key: str, dataset: str, colors: dict) -> None:
     """One clean-vs-robust panel: curves over rho / eps, single methods as points."""
     bases = list(dict.fromkeys(json.dumps(g["base"], sort_keys=True) for g in here))
     differing = differing_keys([g["base"] for g in here])
-    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for g in here:
-        if robust_key in g["metrics"]:
-            base = json.dumps(g["base"], sort_keys=True)
-            series.setdefault((g["family"], base), []).append(g)
-    for (family, base), points in series.items():
+    for (family, base), points in tradeoff_series(here, robust_key).items():
         curve = family in CURVE_PARAM and len(points) > 1
         label = f"{family} (over {CURVE_PARAM[family]})" if curve else family
         if differing:  # runs of other data/model settings: say which
-            label += " [" + ", ".join(f"{k}={points[0]['base'].get(k)}" for k in differing)
+            label += " [" + ", ".join(f"{k}={points[0][0]['base'].get(k)}" for k in differing)
             label += "]"
-        rob = [g["metrics"][robust_key] for g in points]
-        clean = [g["metrics"]["clean"] for g in points]
+        rob = [r for _, r, _ in points]
+        clean = [c for _, _, c in points]
         ax_acc.errorbar(
             [100 * s["mean"] for s in rob],
             [100 * s["mean"] for s in clean],
@@ -380,7 +400,7 @@ def _plot_tradeoff(ax_acc, here, robust_key: str, dataset: str, colors: dict) ->
             label=label,
         )
         if family in CURVE_PARAM:
-            for g, r, c in zip(points, rob, clean, strict=True):
+            for g, r, c in points:
                 ax_acc.annotate(
                     f"{g['param']:g}",
                     (100 * r["mean"], 100 * c["mean"]),
@@ -389,7 +409,7 @@ def _plot_tradeoff(ax_acc, here, robust_key: str, dataset: str, colors: dict) ->
                     fontsize=7,
                 )
     ax_acc.set_xlabel(f"robust accuracy (%), {robust_key}")
-    ax_acc.set_ylabel("clean accuracy (%)")
+    ax_acc.set_ylabel(f"clean accuracy (%), {clean_key(robust_key)}")
     ax_acc.set_title(f"{dataset}: clean vs robust (SAM labelled by rho, AT by eps x 255)")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)

@@ -179,7 +179,7 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
         )
     for eps, acc in (("8", 0.7), ("2", 0.75)):  # two budgets, in files side by side
         with open(os.path.join(workdir, f"eval_autoattack_linf_{eps}_255.json"), "w") as f:
-            accuracy = {"clean": 0.8, f"autoattack_linf_{eps}/255": acc}
+            accuracy = {"clean": 0.66, f"autoattack_linf_{eps}/255": acc}  # on its N points
             json.dump(
                 {"suite": "autoattack", "run": {"checkpoint": "latest"}, "accuracy": accuracy}, f
             )
@@ -238,7 +238,7 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     )
     assert f"| {ratios.mean():.2f} ± {ratios.std(ddof=1):.2f} [2] |" in md
     assert (
-        "| AT Linf 8/255 PGD-10 | digits | 2 | 80.0 ± 0.0 | 85.0 ± 7.1 | 80.0 | 75.0 | 70.0 "
+        "| AT Linf 8/255 PGD-10 | digits | 2 | 80.0 ± 0.0 | 85.0 ± 7.1 | 66.0 | 75.0 | 70.0 "
         "| 78.0 |" in md
     )
     assert "unfinished_s0" in md
@@ -253,6 +253,16 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     np.testing.assert_allclose(at_g["vs_sgd"][key]["values"], [0.8 - 0.50, 0.9 - 0.60])
     assert "autoattack:autoattack_linf_8/255" not in at_g["vs_sgd"]  # SGD has none
     assert "| SAM rho=0.1 | digits | +1.0 ± 2.6 (2/3) | +7.0 ± 4.4 (3/3) |" in md
+
+    # The plot pairs each robust accuracy with the clean accuracy on the same points.
+    aa_key = "autoattack:autoattack_linf_8/255"
+    assert report.clean_key(aa_key) == "autoattack:clean" and report.clean_key(key) == "clean"
+    [[(_, rob, clean)]] = report.tradeoff_series(data["groups"], aa_key).values()
+    assert (rob["values"], clean["values"]) == ([0.7], [0.66])
+    series = report.tradeoff_series(data["groups"], key)
+    assert [
+        c["mean"] for _, _, c in series["AT Linf", json.dumps(at_g["base"], sort_keys=True)]
+    ] == [0.8]
 
     # Robust keys no run has are skipped; the plot gets one panel per remaining key.
     data = report.report(
