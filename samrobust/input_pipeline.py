@@ -9,8 +9,8 @@ Sources (``config.dataset``):
   ``.tar``/``.tar.gz`` archive of one. Decoded with Pillow in threads; the uint8 arrays
   are cached (:func:`cache_directory`), keyed by a local archive's content, else by the
   path and the files' names, sizes and modification times: a changed folder or archive is
-  decoded again, a moved or re-copied local archive is not. Normalisation statistics are
-  computed on the whole train split.
+  decoded again (and its old cache deleted), a moved or re-copied local archive is not.
+  Normalisation statistics are computed on the whole train split.
 - ``cifar10``, ``cifar100``, ``svhn_cropped``: tfds, imported only when asked for and
   first choice when prepared in ``data_dir``. ``cifar10``/``cifar100`` also read
   torchvision's download (``DATA_DIR/cifar-10-batches-py``, ``cifar-100-python``)
@@ -279,6 +279,31 @@ def _fingerprint(root: epath.Path) -> str:
     return h.hexdigest()[:20]
 
 
+def _cache_file(directory: epath.Path, root: epath.Path) -> epath.Path:
+    """``image_folder-<source>-<state>.npz``: ``<source>`` hashes ``root``'s path,
+    ``<state>`` is :func:`_fingerprint`. An existing cache of the same state under another
+    source (the same archive content elsewhere) is used as it is."""
+    state = _fingerprint(root)
+    source = hashlib.sha256(os.fspath(root).encode()).hexdigest()[:8]
+    cache = directory / f"image_folder-{source}-{state}.npz"
+    if not cache.exists() and directory.is_dir():
+        cache = next(iter(sorted(directory.glob(f"image_folder-*-{state}.npz"))), cache)
+    return cache
+
+
+def _remove_stale_caches(cache: epath.Path) -> None:
+    """Deletes the caches of ``cache``'s source in other states (the folder or archive as it
+    was before a change), so a changed dataset does not leave its old arrays behind."""
+    source = cache.name.split("-")[1]
+    for stale in cache.parent.glob(f"image_folder-{source}-*.npz"):
+        if stale.name != cache.name:
+            try:
+                stale.unlink()
+                logging.info("removed the stale cache %s", stale)
+            except OSError as e:  # another process removed it, or a read-only cache
+                logging.warning("cannot remove the stale cache %s (%s)", stale, e)
+
+
 def _read_encoded(root: epath.Path) -> dict[str, list[tuple[str, str, bytes]]]:
     """``{split: [(class name, path for messages, encoded bytes)]}`` from a folder or archive."""
     out: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
@@ -399,7 +424,7 @@ def load_image_folder(data_dir: str | None, cache_dir: str | None = None) -> Dat
                     "and test/<class>/*. Fix --config.data_dir."
                 )
     start = time.perf_counter()
-    cache = cache_directory(cache_dir) / f"image_folder-{_fingerprint(root)}.npz"
+    cache = _cache_file(cache_directory(cache_dir), root)
     arrays: dict | None = None
     if cache.exists():
         try:
@@ -419,6 +444,7 @@ def load_image_folder(data_dir: str | None, cache_dir: str | None = None) -> Dat
                 np.savez(f, **arrays)
             tmp.rename(cache)
             how += f", cached in {cache}"
+            _remove_stale_caches(cache)
         except OSError as e:
             logging.warning(
                 "cannot write the cache %s (%s); set --config.cache_dir to a writable folder",

@@ -104,6 +104,7 @@ def test_cache_is_used_then_invalidated_by_a_change(folder, tmp_path, monkeypatc
     changed = load(root, tmp_path)
     assert len(changed.train_labels) == 19
     np.testing.assert_array_equal(np.round(changed.train_images[-1] * 255), image(99))
+    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 1  # the old one went
 
 
 def test_archive_cache_follows_content_not_path_or_mtime(folder, tmp_path, monkeypatch):
@@ -133,7 +134,10 @@ def test_archive_cache_follows_content_not_path_or_mtime(folder, tmp_path, monke
         load(copy, tmp_path)
     monkeypatch.setattr(input_pipeline, "_decode_folder", real_decode)
     assert len(load(copy, tmp_path).train_labels) == 19
+    # The changed copy's cache replaced nothing of the unchanged original's.
     assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 2
+    monkeypatch.setattr(input_pipeline, "_decode_folder", no_decode)
+    np.testing.assert_array_equal(load(archive, tmp_path).train_images, first.train_images)
 
 
 def test_a_folder_by_relative_or_absolute_path_shares_one_cache(folder, tmp_path, monkeypatch):
