@@ -1,19 +1,37 @@
-"""Test setup: 8 fake CPU devices for the data-parallel tests.
+"""Test setup: 8 fake CPU devices for the data-parallel tests, and one JAX compilation
+cache for the whole session.
 
 XLA reads ``XLA_FLAGS`` once, when the backend starts, so this must run before anything
 imports jax. pytest imports this file before the test modules. The backend starts on
 jax's first operation, not on import, so the shared fixtures below may import jax once the
 flag is set.
+
+Most of a tiny ``samrobust.main`` run is XLA compilation (``model.init`` alone ~25 s on
+CPU), and the end-to-end tests start dozens of them with the same shapes: a persistent
+compilation cache (``JAX_COMPILATION_CACHE_DIR``, inherited by every subprocess) compiles
+each program once per session. The cache starts empty and is removed at the session's
+end: nothing compiled by an earlier session (or another jax) is ever loaded.
 """
 
 import os
+import shutil
+import tempfile
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}=8".strip()
+
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-cache-")
 
 from samrobust import parallel  # noqa: E402
 
 parallel.set_xla_cpu_defaults()  # the CPU settings the command lines use
 
 from tests.toy_models import linear5, mlp  # noqa: E402, F401  (fixtures of the attack tests)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)

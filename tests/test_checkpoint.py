@@ -84,6 +84,7 @@ def test_no_readable_checkpoint_stops_and_moves_nothing(finished_run, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_evaluate_skips_a_damaged_latest_checkpoint(finished_run, tmp_path):
     source, _ = finished_run
     workdir = str(tmp_path / "run")

@@ -23,10 +23,18 @@ from tests.helpers import (
 )
 
 MODES = ("sgd", "sam", "at", "sam_at")
+SLOW = pytest.mark.slow
+# The default suite runs SGD and AT on 1 device and SAM + AT on 8; the other pairings are
+# slow (about a minute each on 2 cores, mostly compilation).
+DEFAULT = {("sgd", 1), ("at", 1), ("sam_at", 8)}
+MODE_DEVICES = [
+    pytest.param(mode, devices, marks=[] if (mode, devices) in DEFAULT else [SLOW])
+    for mode in MODES
+    for devices in (1, 8)
+]
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "devices"), MODE_DEVICES)
 def test_main_runs_every_mode(tmp_path, mode, devices):
     workdir = str(tmp_path / mode)
     proc = run_main(f"configs/{mode}.py:digits", workdir, *TINY, devices=devices)
@@ -85,7 +93,7 @@ def _wait_for_checkpoint(workdir: str, step: int, proc: subprocess.Popen, timeou
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.slow)])
 def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
     overrides = [
         *TINY,
@@ -129,6 +137,7 @@ def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """jax.distributed on 127.0.0.1: 2 processes x 1 device == 1 process x 2 devices
     (the host CPU split by ``--cpu_devices``)."""
@@ -145,6 +154,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert read_results(multi)["total_steps"] == read_results(single)["total_steps"]
 
 
+@pytest.mark.slow
 def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
     """eval_every_epochs on a held-out split: val/* metrics, the best checkpoint by robust
     accuracy, results.json's "best", and evaluate --checkpoint=best reading it."""
