@@ -23,12 +23,11 @@ from tests.helpers import (
 )
 
 MODES = ("sgd", "sam", "at", "sam_at")
-SLOW = pytest.mark.slow
 # The default suite runs SGD and AT on 1 device and SAM + AT on 8; the other pairings are
 # slow (about a minute each on 2 cores, mostly compilation).
 DEFAULT = {("sgd", 1), ("at", 1), ("sam_at", 8)}
 MODE_DEVICES = [
-    pytest.param(mode, devices, marks=[] if (mode, devices) in DEFAULT else [SLOW])
+    pytest.param(mode, devices, marks=[] if (mode, devices) in DEFAULT else [pytest.mark.slow])
     for mode in MODES
     for devices in (1, 8)
 ]
