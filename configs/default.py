@@ -63,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.val_attack.step_size = ml_collections.config_dict.placeholder(float)
     config.val_attack.steps = ml_collections.config_dict.placeholder(int)
 
-    # Final evaluation (the paper's PGD-10 suite); -1 = the whole test split.
+    # Final evaluation (the paper's PGD-10 suite) on eval_num_examples test images: -1 = the
+    # whole test split, N = the fixed class-stratified subset of N (input_pipeline.eval_subset).
     config.eval_batch_size = 256
     config.eval_pgd_steps = 10  # the paper's PGD-10
     config.eval_num_examples = -1

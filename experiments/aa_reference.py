@@ -9,7 +9,9 @@ Needs ``pip install -e '.[reference]'`` (torch CPU + ``pyautoattack``, the refer
 packaged; it imports as ``pyautoattack``, not ``autoattack``). Loads a ``samrobust.main``
 run's checkpoint, copies its weights into the torch PreActResNet of
 :mod:`experiments.torch_preact`, and stops (exit 1) unless the two models' logits agree to
-``--tol`` (1e-4 max abs) on every evaluated point. Then, on the same first N test points:
+``--tol`` (1e-4 max abs) on every evaluated point. Then, on the same N test points (the
+fixed class-stratified subset of :func:`samrobust.input_pipeline.eval_subset`, recorded as
+``subset`` in the output):
 
 - ours: ``samrobust.autoattack.autoattack`` on ``Partial(run.logits_fn, run.variables)``
   (wall time with compilation; compilation alone from ``jax.monitoring``'s trace, lowering
@@ -33,7 +35,7 @@ indices robust under only one), wall times and their ratio, N, norm, eps, model,
 step, machine, versions, date and the command. ``--budget=reduced`` (10 iterations, 3 target
 classes, 100 queries), ``--attacks`` or any ``--n_*`` flag is a quick look: the output then
 says NON-STANDARD everywhere. Default ``--out``:
-``experiments/results/aa_reference/<dataset>_<run folder>_<checkpoint>_<norm><eps>_n<N>.json``.
+``experiments/results/aa_reference/<dataset>_<run folder>_<checkpoint>_<norm><eps>_sub<N>.json``.
 
 Resumable (an adversarially trained model keeps the reference busy for hours on 2 cores):
 ``<out stem>_journal/`` holds our finished result and every finished batch of the
@@ -64,7 +66,7 @@ from absl import logging
 
 import samrobust.autoattack as samrobust_aa
 from experiments.torch_preact import from_flax, nhwc_to_nchw, torch_logits
-from samrobust import parallel
+from samrobust import input_pipeline, parallel
 from samrobust.attacks import parse_eps
 from samrobust.robustness import Run, load_run
 
@@ -446,13 +448,13 @@ def _versions() -> dict[str, str]:
 
 
 def default_out(run: Run, args: argparse.Namespace, budget: Budget) -> str:
-    """``RESULTS_DIR/<dataset>_<run folder>_<checkpoint>_<norm><eps>_n<N>.json``."""
+    """``RESULTS_DIR/<dataset>_<run folder>_<checkpoint>_<norm><eps>_sub<N>.json``."""
     eps = args.eps.replace("/", "_")
     suffix = "" if budget.standard else "_nonstandard"
     run_name = os.path.basename(os.path.normpath(args.workdir))
     name = (
         f"{run.config['dataset']}_{run_name}_{args.checkpoint}_{args.norm}{eps}"
-        f"_n{args.num_examples}{suffix}.json"
+        f"_sub{args.num_examples}{suffix}.json"
     )
     return os.path.join(RESULTS_DIR, name)
 
@@ -535,7 +537,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="latest", help="latest, best or a step")
     p.add_argument("--norm", default="linf", choices=sorted(REFERENCE_NORMS))
     p.add_argument("--eps", default="8/255", help="e.g. 8/255 or 0.5")
-    p.add_argument("--num_examples", type=int, default=500, help="the first N test points")
+    p.add_argument(
+        "--num_examples",
+        type=int,
+        default=500,
+        help="N test points (the class-stratified evaluation subset)",
+    )
     p.add_argument("--batch_size", type=int, default=250, help="both cascades' batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"JSON path (default: under {RESULTS_DIR})")
@@ -587,9 +594,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "error: the run computes in bfloat16 (half_precision); the torch copy is float32, "
             "so the two models' logits cannot agree to --tol. Compare a float32 run."
         )
-    n = min(args.num_examples, len(run.dataset.test_labels))
-    x = np.asarray(run.dataset.test_images[:n], np.float32)
-    y = np.asarray(run.dataset.test_labels[:n], np.int64)
+    x, y, subset = input_pipeline.evaluation_points(run.dataset, args.num_examples)
+    x, y, n = np.asarray(x, np.float32), np.asarray(y, np.int64), len(y)
     log(
         f"run {args.workdir} step {run.step} ({cfg['model']} width {cfg['width']}, "
         f"mode {cfg['mode']}, {cfg['dataset']}): {n} points {x.shape[1:]}"
@@ -686,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "reference_from": args.reference_from
         and {"report": args.reference_from, "measured": ref["measured"]},
         "n": n,
+        "subset": subset,
         "norm": args.norm,
         "eps": eps,
         "eps_text": args.eps,

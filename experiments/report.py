@@ -3,12 +3,13 @@
   python -m experiments.report --root=/tmp/digits
   python -m experiments.report --root=/tmp/digits --out=/tmp/report --robust_key=pgd10_ce_l2_32/255
   python -m experiments.report --root=R --robust_key=pgd10_ce_linf_2/255 \
-      --robust_key=autoattack:autoattack_linf_8/255
+      --robust_key=autoattack_sub1000:autoattack_linf_8/255
 
 Reads every ``ROOT/<run>/results.json`` (from ``samrobust.main``), its ``config.json`` and
 any ``eval_*.json`` (from ``samrobust.evaluate``; metric ``<suite>:<key>``, e.g.
 ``autoattack:autoattack_linf_2/255``; ``<suite>_best:<key>`` for the best checkpoint,
-``autoattack_it10_tc9_q5000:<key>`` for a reduced AutoAttack budget). Runs are
+``autoattack_it10_tc9_q5000:<key>`` for a reduced AutoAttack budget,
+``autoattack_sub1000:<key>`` on the 1,000-point evaluation subset). Runs are
 grouped by their config without the seed (and logging/checkpoint settings), and labelled by
 method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes to ``--out``
 (default ROOT). Both may be ``gs://bucket/dir`` (see ``samrobust.paths``):
@@ -22,7 +23,7 @@ method and hyperparameters (``SAM rho=0.1``, ``AT Linf 8/255 PGD-10``). Writes t
   method was higher.
 - ``report.png``: per dataset, clean accuracy against each ``--robust_key`` accuracy
   (repeatable; keys no run has are skipped; the clean accuracy is the one measured on the
-  same points, e.g. ``autoattack:clean`` on AutoAttack's first N images) with error bars:
+  same points, e.g. ``autoattack_sub1000:clean`` on the same 1,000-point subset) with error bars:
   SAM over rho, Linf AT and L2 AT over eps as curves, SAM+AT and SGD as points; then the
   training cost relative to SGD.
 - ``report.json``: everything in the table, with the per-seed values.
@@ -103,6 +104,7 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
             suite = (
                 report["suite"]
                 + (robustness.budget_suffix(Budget(**budget)) if budget else "")
+                + robustness.subset_suffix(report.get("subset"))
                 + robustness.checkpoint_suffix(checkpoint)
             )
             metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
@@ -355,8 +357,8 @@ def markdown(
 
 def clean_key(robust_key: str) -> str:
     """The clean accuracy measured on the same points as ``robust_key``: an ``eval_*``
-    report's own (``autoattack:clean`` on its first N test images for
-    ``autoattack:autoattack_linf_8/255``), else training's paper suite ``clean``."""
+    report's own (``autoattack_sub1000:clean`` on its evaluation subset for
+    ``autoattack_sub1000:autoattack_linf_8/255``), else training's paper suite ``clean``."""
     suite, sep, _ = robust_key.rpartition(":")
     return f"{suite}:clean" if sep else "clean"
 

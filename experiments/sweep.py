@@ -236,7 +236,8 @@ def run_logged(command: Sequence[str], log_path: epath.Path) -> int:
 
 def eval_stem(suite: str, flags: Sequence[str]) -> str:
     """The report stem ``samrobust.evaluate --suite=SUITE FLAGS`` writes, e.g.
-    ``eval_autoattack_linf_2_255`` (ValueError for a bad --eps, --checkpoint or budget)."""
+    ``eval_autoattack_linf_2_255_sub1000`` (ValueError for a bad --eps, --checkpoint, budget or
+    --num_examples)."""
     from samrobust import attacks, robustness
     from samrobust.autoattack import Budget
 
@@ -248,7 +249,12 @@ def eval_stem(suite: str, flags: Sequence[str]) -> str:
         if not v.isdigit():
             raise ValueError(f"--{k}={v}: expected a whole number, e.g. --{k}=10")
     budget = Budget(**{k: int(v) for k, v in budget_opts.items()})
-    return robustness.report_stem(suite, checkpoint, opts.get("norm") or None, eps, budget)
+    num_examples = opts.get("num_examples", "-1")
+    if not num_examples.lstrip("-").isdigit():
+        raise ValueError(f"--num_examples={num_examples}: expected a whole number, e.g. 1000")
+    return robustness.report_stem(
+        suite, checkpoint, opts.get("norm") or None, eps, budget, int(num_examples)
+    )
 
 
 def log_tail(log_path: epath.Path, lines: int = 15) -> str:

@@ -8,16 +8,20 @@
 loads the latest checkpoint of ``DIR`` (local or gs://; ``--checkpoint=best``: the best one
 by validation robust accuracy, in ``DIR/checkpoints_best``; ``--checkpoint=STEP``: that
 step; reports then end in ``_best`` / ``_step<STEP>``) with the model from
-``DIR/config.json``, evaluates the first ``N`` test examples (default: all) and writes
+``DIR/config.json``, evaluates ``N`` test examples (default: all; fewer: the fixed,
+class-stratified subset of :func:`samrobust.input_pipeline.eval_subset`, the same points
+for every run) and writes
 ``DIR/<stem>.json`` (accuracies, images/s, budgets, AutoAttack details, warnings, the
 run), the table ``DIR/<stem>.md`` and the per-example masks ``DIR/<stem>_masks.npz``, where
 the stem is ``eval_paper``, or ``eval_autoattack_linf_8_255`` / ``eval_full_l2_0.5`` with
-the AutoAttack radius, so that several radii live side by side. ``--batch_size`` (global)
-and ``--seed`` default to the run's ``eval_batch_size`` and ``seed``; ``--data_dir``
-overrides the run's. ``--n_iter``, ``--n_target_classes`` and ``--n_queries`` shrink
-AutoAttack's budget (100 / 9 / 5000) for quick looks (the stem then ends in
-``_it<N>_tc<N>_q<N>``, e.g. ``eval_autoattack_linf_8_255_it10_tc9_q5000``); ``--unroll``
-sets the attacks' loop unrolling.
+the AutoAttack radius, so that several radii live side by side, and ``_sub<N>`` after
+``--num_examples=N`` (the report's ``subset`` names its points: the rule and a sha256 of
+the indices). ``--batch_size`` (global) and ``--seed`` default to the run's
+``eval_batch_size`` and ``seed``; ``--data_dir`` overrides the run's. ``--n_iter``,
+``--n_target_classes`` and ``--n_queries`` shrink AutoAttack's budget (100 / 9 / 5000)
+for quick looks (the stem then ends in ``_it<N>_tc<N>_q<N>``, e.g.
+``eval_autoattack_linf_8_255_it10_tc9_q5000``); ``--unroll`` sets the attacks' loop
+unrolling.
 
 AutoAttack records every finished batch in ``DIR/<report stem>_journal/``: a killed
 evaluation, run again with the same flags, continues where it stopped and ends with the same
@@ -33,7 +37,7 @@ from collections.abc import Sequence
 import jax
 from absl import flags, logging
 
-from samrobust import attacks, errors, parallel, paths, robustness
+from samrobust import attacks, errors, input_pipeline, parallel, paths, robustness
 from samrobust.autoattack import Budget
 from samrobust.errors import UserError
 from samrobust.workdir import WorkdirLock
@@ -54,7 +58,9 @@ def _define_flags() -> None:
         "eps", None, "AutoAttack radius, e.g. 8/255 or 0.5 (default: Linf 8/255, L2 0.5)."
     )
     flags.DEFINE_enum("norm", None, attacks.NORMS, "AutoAttack norm (default linf).")
-    flags.DEFINE_integer("num_examples", -1, "Evaluate the first N test examples (-1: all).")
+    flags.DEFINE_integer(
+        "num_examples", -1, "Evaluate N test examples, a fixed class-stratified subset (-1: all)."
+    )
     flags.DEFINE_integer(
         "batch_size",
         None,
@@ -112,11 +118,7 @@ def main(argv: Sequence[str]) -> None:
             f"batch size {batch_size} is not a positive multiple of the device count "
             f"{mesh.size}: pass e.g. --batch_size={mesh.size * max(1, batch_size // mesh.size)}"
         )
-    n = (
-        len(ds.test_images)
-        if FLAGS.num_examples == -1
-        else min(FLAGS.num_examples, len(ds.test_images))
-    )
+    images, labels, subset = input_pipeline.evaluation_points(ds, FLAGS.num_examples)
     if FLAGS.suite != "paper" and eps is None:
         eps = robustness.DEFAULT_EPS[FLAGS.norm or "linf"]
         logging.info(
@@ -125,18 +127,21 @@ def main(argv: Sequence[str]) -> None:
             attacks.format_eps(eps),
             ", CIFAR's budget: digits has no standard one" if ds.name == "digits" else "",
         )
-    stem = robustness.report_stem(FLAGS.suite, checkpoint, FLAGS.norm, eps, budget)
+    stem = robustness.report_stem(
+        FLAGS.suite, checkpoint, FLAGS.norm, eps, budget, FLAGS.num_examples
+    )
     journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
     logging.info(
-        "Evaluating %s step %d (%s, %s width %d) on %d %s test examples: %s suite, batch %d, "
-        "%d devices",
+        "Evaluating %s step %d (%s, %s width %d) on %d %s test examples (%s): %s suite, "
+        "batch %d, %d devices",
         run.workdir,
         run.step,
         config["mode"],
         config["model"],
         config["width"],
-        n,
+        len(labels),
         ds.name,
+        subset["rule"],
         FLAGS.suite,
         batch_size,
         mesh.size,
@@ -146,8 +151,8 @@ def main(argv: Sequence[str]) -> None:
         report = robustness.evaluate(
             run.logits_fn,
             run.variables,
-            ds.test_images[:n],
-            ds.test_labels[:n],
+            images,
+            labels,
             suite=FLAGS.suite,
             eps=eps,
             norm=FLAGS.norm,
@@ -159,6 +164,7 @@ def main(argv: Sequence[str]) -> None:
             journal_dir=journal_dir,
             unroll=FLAGS.unroll,
         )
+        report["subset"] = subset
         report["run"] = {
             "workdir": os.fspath(paths.path(run.workdir)),
             "step": run.step,

@@ -18,7 +18,8 @@ Sources (``config.dataset``):
 
 ``train_examples`` and ``val_examples`` (:func:`split_train`) take a fixed, class-stratified
 validation split and train subset out of the train split, disjoint and independent of the
-training seed.
+training seed. Evaluations of ``N`` test examples take :func:`eval_subset`: a fixed,
+seeded, class-stratified subset (image folders come sorted by class), never the first ``N``.
 
 Images are float32 in ``[0, 1]`` (NHWC); normalisation statistics travel with the dataset
 to the model. The train order is a function of ``(seed, epoch)`` only, so a run resumed at
@@ -38,6 +39,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -531,6 +533,52 @@ def split_train(
         val_images=ds.train_images[val_idx],
         val_labels=ds.train_labels[val_idx],
     )
+
+
+# The rule for "N examples of a split" everywhere an evaluation takes fewer than all.
+EVAL_SUBSET_RULE = "class-stratified, seed 0"
+
+
+def eval_subset(labels: np.ndarray, n: int = -1) -> np.ndarray:
+    """Indices (ascending) of the evaluation subset of ``n`` points of a split with
+    ``labels``: a fixed, seeded (:data:`EVAL_SUBSET_RULE`), class-stratified draw, the same
+    for every model and run, so evaluations of ``n`` points are paired; each class gets its
+    share of ``n`` (within one). ``n = -1`` or ``n >= len(labels)``: every index.
+
+    Never "the first ``n``": image folders come sorted by class.
+    """
+    total = len(labels)
+    if n == 0 or n < -1:
+        raise ValueError(f"the evaluation subset needs n > 0, or -1 for all; got {n}")
+    if n == -1 or n >= total:
+        return np.arange(total)
+    rng = np.random.default_rng(0)
+    classes = np.unique(labels)
+    counts = _stratified_counts(np.searchsorted(classes, labels), n)
+    picked = [
+        rng.permutation(np.flatnonzero(labels == c))[:k]
+        for c, k in zip(classes, counts, strict=True)
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+def describe_subset(indices: np.ndarray, total: int) -> dict[str, Any]:
+    """What a report records of its points: the rule, ``num_examples`` of ``total`` and a
+    sha256 of the indices (equal hashes: the same points)."""
+    digest = hashlib.sha256(np.ascontiguousarray(indices, np.int64).tobytes()).hexdigest()
+    return {
+        "rule": "all" if len(indices) == total else EVAL_SUBSET_RULE,
+        "num_examples": len(indices),
+        "of": total,
+        "indices_sha256": digest,
+    }
+
+
+def evaluation_points(ds: Dataset, n: int = -1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``ds``'s test images and labels at :func:`eval_subset` ``(n)``, and
+    :func:`describe_subset` of them."""
+    idx = eval_subset(ds.test_labels, n)
+    return ds.test_images[idx], ds.test_labels[idx], describe_subset(idx, len(ds.test_labels))
 
 
 def load(

@@ -593,15 +593,30 @@ def report_stem(
     norm: str | None = None,
     eps: float | None = None,
     budget: aa.Budget = aa.STANDARD_BUDGET,
+    num_examples: int = -1,
 ) -> str:
     """``eval_<suite>``, with the AutoAttack radius for the ``autoattack`` and ``full``
     suites (``eval_autoattack_linf_8_255``, so radii do not overwrite each other) and
-    :func:`budget_suffix`, then ``_best`` for the best checkpoint or ``_step<N>`` for step N."""
+    :func:`budget_suffix`, then ``_sub<N>`` when ``num_examples`` asks for the evaluation
+    subset of N points (:func:`samrobust.input_pipeline.eval_subset`; reports of other
+    point sets never share a stem), then ``_best`` for the best checkpoint or ``_step<N>``
+    for step N."""
     stem = f"eval_{suite}"
     if suite != "paper":
         stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
         stem += budget_suffix(budget)
+    if num_examples != -1:
+        stem += f"_sub{num_examples}"
     return stem + checkpoint_suffix(checkpoint)
+
+
+def subset_suffix(subset: Mapping[str, Any] | None) -> str:
+    """How a report's metrics name its points
+    (:func:`samrobust.input_pipeline.describe_subset`): ``""`` for a whole split (or no
+    record), ``_sub<N>`` for the evaluation subset of N points."""
+    if not subset or subset["rule"] == "all":
+        return ""
+    return f"_sub{subset['num_examples']}"
 
 
 def budget_suffix(budget: aa.Budget) -> str:

@@ -137,6 +137,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         "must be -1 (all) or > 0",
         "10000",
     )
+    check(
+        config.eval_num_examples == -1 or config.eval_num_examples > 0,
+        "eval_num_examples",
+        "must be -1 (the whole test split) or > 0",
+        "1000",
+    )
     check(config.val_examples >= 0, "val_examples", "must be >= 0 (0 = none)", "1000")
     check(config.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0 (0 = off)", "5")
     v = config.val_attack
@@ -579,14 +585,16 @@ def _train_and_evaluate(
             "parameter replicas differ across processes",
         )
 
-    n_eval = config.eval_num_examples if config.eval_num_examples > 0 else len(ds.test_images)
+    test_images, test_labels, test_subset = input_pipeline.evaluation_points(
+        ds, config.eval_num_examples
+    )
 
     def test_suite(state: TrainState) -> dict[str, Any]:
         return robustness.pgd_suite(
             robustness.model_logits_fn(model.apply),
             {"params": state.params, "batch_stats": state.batch_stats},
-            ds.test_images[:n_eval],
-            ds.test_labels[:n_eval],
+            test_images,
+            test_labels,
             specs=[
                 dataclasses.replace(s, steps=config.eval_pgd_steps) for s in robustness.PAPER_SUITE
             ],
@@ -607,7 +615,8 @@ def _train_and_evaluate(
         "train_seconds": all_seconds,
         "train_examples": len(ds.train_labels),
         "val_examples": ds.num_val,
-        "test_examples": n_eval,
+        "test_examples": len(test_labels),
+        "test_subset": test_subset,
         "accuracy": report["accuracy"],
         "eval_images_per_s": report["images_per_s"],
     }

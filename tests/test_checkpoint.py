@@ -95,7 +95,7 @@ def test_evaluate_skips_a_damaged_latest_checkpoint(finished_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 22" in proc.stderr and "damaged" in proc.stderr
-    report = json.load(open(os.path.join(workdir, "eval_paper.json")))
+    report = json.load(open(os.path.join(workdir, "eval_paper_sub16.json")))
     assert report["run"]["step"] == 20
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "22"))  # left as it is
 

@@ -13,14 +13,15 @@ import sys
 import numpy as np
 import pytest
 
-from samrobust import robustness
+from samrobust import input_pipeline, robustness
 from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env
+from tests.test_input_pipeline import write_folder
 
 N = 32  # test examples evaluated
 AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]
 # The reports' stems: a reduced budget is named, never written as the standard protocol.
-FULL_STEM = "eval_full_linf_8_255_it10_tc9_q100"
-AA_STEM = "eval_autoattack_linf_8_255_it10_tc9_q100"
+FULL_STEM = f"eval_full_linf_8_255_it10_tc9_q100_sub{N}"
+AA_STEM = "eval_autoattack_linf_8_255_it10_tc9_q100_sub64"
 PAPER = [
     "clean",
     "pgd10_ce_linf_1/255",
@@ -54,7 +55,7 @@ def run_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def full_eval(run_dir) -> tuple[subprocess.CompletedProcess, dict, dict]:
-    """``--suite=full`` on the first N test examples, 8 devices (the host CPU split by
+    """``--suite=full`` on N test examples (the evaluation subset), 8 devices (the host CPU split by
     ``--cpu_devices``): (process, JSON, masks)."""
     proc = run_evaluate(
         run_dir, "--suite=full", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST, devices=1
@@ -127,14 +128,15 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
 
 def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
     """``load_run`` + ``evaluate`` in this process (8 devices too) give the CLI's masks."""
-    _, _, cli_masks = full_eval
+    _, cli_report, cli_masks = full_eval
     run = robustness.load_run(run_dir)
-    ds = run.dataset
+    images, labels, subset = input_pipeline.evaluation_points(run.dataset, N)
+    assert cli_report["subset"] == subset  # the CLI's N points are the evaluation subset
     report = robustness.evaluate(
         run.logits_fn,
         run.variables,
-        ds.test_images[:N],
-        ds.test_labels[:N],
+        images,
+        labels,
         suite="paper",
         num_classes=10,
         batch_size=64,
@@ -145,6 +147,33 @@ def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
     for name in PAPER:
         np.testing.assert_array_equal(report["masks"][name], cli_masks[name.replace("/", "_")])
     assert report["warnings"] == []
+
+
+@pytest.mark.slow
+def test_training_and_evaluate_take_the_same_stratified_points_of_a_sorted_folder(tmp_path):
+    """On a class-sorted image folder, training's ``eval_num_examples=N`` and ``evaluate
+    --num_examples=N`` evaluate the same stratified N points (not the first N: one class)."""
+    root = tmp_path / "images"
+    write_folder(root, per_class=(22, 10))  # 3 classes; test labels 0*10, 1*10, 2*10
+    workdir, n = str(tmp_path / "run"), 12
+    data = ["--config.dataset=image_folder", f"--config.data_dir={root}"]
+    data += [f"--config.cache_dir={tmp_path / 'cache'}", "--config.crop_padding=0"]
+    run_main("configs/sgd.py:digits", workdir, *TINY, *data, f"--config.eval_num_examples={n}")
+    proc = run_evaluate(workdir, "--suite=paper", f"--num_examples={n}", "--unroll=1", devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "results.json")) as f:
+        trained = json.load(f)
+    with open(os.path.join(workdir, f"eval_paper_sub{n}.json")) as f:
+        evaluated = json.load(f)
+    ds = input_pipeline.load("image_folder", str(root), cache_dir=str(tmp_path / "cache"))
+    idx = input_pipeline.eval_subset(ds.test_labels, n)
+    np.testing.assert_array_equal(np.bincount(ds.test_labels[idx]), [4, 4, 4])
+    expected = input_pipeline.describe_subset(idx, 30)
+    assert trained["test_subset"] == evaluated["subset"] == expected
+    assert trained["test_examples"] == evaluated["num_examples"] == n
+    with np.load(os.path.join(workdir, "eval_masks.npz")) as m:
+        assert m["clean"].shape == (n,)
+    assert f"on {n} image_folder test examples (class-stratified, seed 0)" in proc.stderr
 
 
 def test_cli_errors_name_the_fix(tmp_path, run_dir):
@@ -190,10 +219,10 @@ def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_
     proc = run_evaluate(single, *flags, "--cpu_devices=2", devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_two_processes([sys.executable, "-m", "samrobust.evaluate", f"--workdir={multi}", *flags])
-    reports = [json.load(open(os.path.join(w, "eval_paper.json"))) for w in (single, multi)]
+    reports = [json.load(open(os.path.join(w, "eval_paper_sub32.json"))) for w in (single, multi)]
     assert reports[0]["devices"] == reports[1]["devices"] == 2
     assert reports[0]["accuracy"] == reports[1]["accuracy"]
-    masks = [np.load(os.path.join(w, "eval_paper_masks.npz")) for w in (single, multi)]
+    masks = [np.load(os.path.join(w, "eval_paper_sub32_masks.npz")) for w in (single, multi)]
     for key in masks[0].files:
         np.testing.assert_array_equal(masks[0][key], masks[1][key])
 

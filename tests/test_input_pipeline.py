@@ -1,6 +1,7 @@
 """Data sources: image folders (and tar archives of them) with their cache, torchvision's
 CIFAR files, and the stratified train/validation subsets."""
 
+import json
 import os
 import pickle
 import subprocess
@@ -282,6 +283,38 @@ def test_subset_sizes_that_do_not_fit_are_config_errors():
         input_pipeline.split_train(ds, val_examples=100)
     with pytest.raises(ValueError, match=r"config.train_examples = 90: .*\[1, 80\]"):
         input_pipeline.split_train(ds, train_examples=90, val_examples=20)
+
+
+def test_the_evaluation_subset_of_a_class_sorted_folder_covers_every_class(tmp_path):
+    """An image folder reads class by class (test labels sorted): N points of it are a
+    stratified draw, never the first N (one class), and the same N points in every process."""
+    root = tmp_path / "images"
+    write_folder(root, per_class=(1, 30))
+    ds = load(root, tmp_path)
+    assert np.all(np.diff(ds.test_labels) >= 0)  # the folder's order: sorted by class
+    for n in (7, 12, 29):
+        idx = input_pipeline.eval_subset(ds.test_labels, n)
+        counts = np.bincount(ds.test_labels[idx], minlength=3)
+        assert len(set(idx)) == n and counts.sum() == n
+        assert np.all(np.abs(counts - n / 3) <= 1), (n, counts)
+    np.testing.assert_array_equal(input_pipeline.eval_subset(ds.test_labels, 90), np.arange(90))
+    np.testing.assert_array_equal(input_pipeline.eval_subset(ds.test_labels, -1), np.arange(90))
+    with pytest.raises(ValueError, match="n > 0"):
+        input_pipeline.eval_subset(ds.test_labels, 0)
+
+    code = (
+        "import numpy as np; from samrobust import input_pipeline as ip; "
+        "print(ip.eval_subset(np.repeat(np.arange(3), 30), 12).tolist())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert other.returncode == 0, other.stderr[-2000:]
+    here = input_pipeline.eval_subset(ds.test_labels, 12)
+    assert json.loads(other.stdout) == here.tolist()
+    images, labels, subset = input_pipeline.evaluation_points(ds, 12)
+    np.testing.assert_array_equal(images, ds.test_images[here])
+    assert subset["rule"] == input_pipeline.EVAL_SUBSET_RULE and subset["num_examples"] == 12
+    assert subset == input_pipeline.describe_subset(here, 90)
+    assert input_pipeline.evaluation_points(ds)[2]["rule"] == "all"
 
 
 CIFAR10_JPEG = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")

@@ -194,6 +194,6 @@ def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
         "--batch_size=32",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(workdir, "eval_paper_best.json")) as f:
+    with open(os.path.join(workdir, "eval_paper_sub32_best.json")) as f:
         report = json.load(f)
     assert report["run"]["step"] == best and report["run"]["checkpoint"] == "best"

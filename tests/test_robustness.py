@@ -105,5 +105,8 @@ def test_report_stems_keep_autoattack_budgets_apart():
         "eval_autoattack_linf_8_255_it10_tc9_q100_best"
     )
     assert stem("autoattack", budget=Budget()) == "eval_autoattack_linf_8_255"
+    # N points (the evaluation subset) never share a stem with all of them, nor with M.
+    assert stem("paper", num_examples=1000) == "eval_paper_sub1000"
+    assert stem("autoattack", "best", num_examples=500) == "eval_autoattack_linf_8_255_sub500_best"
     with pytest.raises(ValueError, match="norm"):
         stem("autoattack", norm="l3")

@@ -302,8 +302,8 @@ def test_shards_partition_the_grid(tmp_path, capsys):
 def test_eval_flags_name_the_report_a_run_is_checked_for(tmp_path, capsys):
     assert sweep.eval_stem("autoattack", []) == "eval_autoattack_linf_8_255"
     flags = ["--eps=2/255", "--num_examples=1000", "--checkpoint=best"]
-    assert sweep.eval_stem("autoattack", flags) == "eval_autoattack_linf_2_255_best"
-    assert sweep.eval_stem("paper", ["--num_examples=10"]) == "eval_paper"
+    assert sweep.eval_stem("autoattack", flags) == "eval_autoattack_linf_2_255_sub1000_best"
+    assert sweep.eval_stem("paper", ["--num_examples=10"]) == "eval_paper_sub10"
     quick = sweep.eval_stem("autoattack", ["--n_iter=10"])
     assert quick == "eval_autoattack_linf_8_255_it10_tc9_q5000"
     with pytest.raises(ValueError, match="--n_iter=x: expected a whole number"):
