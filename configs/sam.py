@@ -2,6 +2,9 @@
 
   python -m samrobust.main --config=configs/sam.py --workdir=/tmp/sam
   python -m samrobust.main --config=configs/sam.py:digits --workdir=/tmp/sam_digits
+  # The fast recipe (fast_cifar network, 10 epochs) on the CIFAR-10 JPEG copy:
+  python -m samrobust.main --config=configs/sam.py:fast --workdir=/tmp/sam_fast \
+      --config.dataset=image_folder --config.data_dir=../shared/data/cifar10-jpeg.tar.gz
   # ASAM, larger radius, synchronised perturbation across devices:
   python -m samrobust.main --config=configs/sam.py --config.adaptive --config.rho=0.5 \
       --config.sam_sync --workdir=/tmp/asam

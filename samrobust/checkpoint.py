@@ -42,6 +42,15 @@ RESUMABLE_KEYS = frozenset(
         "cache_dir",
     }
 )
+# Config keys added after runs existed, with the value that every run saved without them
+# ran with: a saved config that lacks one matches a config that holds that value.
+ADDED_KEYS = {
+    "nesterov": False,
+    "label_smoothing": 0.0,
+    "lr_triangle": [0.2, 0.23, 0.07],
+    "norm_bias_lr_scale": 1.0,
+    "sam_group_size": -1,
+}
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"
 
@@ -74,8 +83,9 @@ def flatten_config(d: dict, prefix: str = "") -> dict:
 
 
 def config_mismatch(saved: dict, current: dict) -> list[str]:
-    """Keys (dotted) whose values differ between two config dicts, resumable keys aside."""
-    a, b = flatten_config(saved), flatten_config(current)
+    """Keys (dotted) whose values differ between two config dicts, resumable keys aside
+    (a key of :data:`ADDED_KEYS` missing from ``saved`` counts as its listed value)."""
+    a, b = ADDED_KEYS | flatten_config(saved), flatten_config(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     return [
         f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)

@@ -1,4 +1,5 @@
-"""Models: PreActResNet-18 (the paper's network) and WideResNet-28-10 / 34-10.
+"""Models: PreActResNet-18 (the paper's network), WideResNet-28-10 / 34-10, and
+``fast_cifar``, a network of airbench94's design for fast CIFAR-10 training.
 
 Inputs are images in ``[0, 1]`` (NHWC). Per-channel normalisation with the dataset's mean
 and std is the model's first op, so attacks perturb the raw pixels as in the paper.
@@ -12,7 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 ModuleDef = Any
 
@@ -139,6 +142,155 @@ def wide_resnet(
     )
 
 
+def _dirac_init(base: Callable = _conv_init) -> Callable:
+    """``base`` init with the first ``in_features`` filters set to the identity (a 1 at the
+    kernel's centre on their own input channel): an implicit residual at initialisation."""
+
+    def init(key, shape, dtype=jnp.float32):
+        kh, kw, cin, cout = shape
+        kernel = base(key, shape, dtype)
+        n = min(cin, cout)
+        eye = jnp.zeros((kh, kw, cin, n), dtype).at[kh // 2, kw // 2].set(jnp.eye(cin, n))
+        return kernel.at[..., :n].set(eye)
+
+    return init
+
+
+class _ConvGroup(nn.Module):
+    """conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU."""
+
+    features: int
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.conv(self.features)(x)
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.gelu(self.norm()(x), approximate=False)
+        x = self.conv(self.features)(x)
+        return nn.gelu(self.norm()(x), approximate=False)
+
+
+WHITEN_PATCH = 2  # the whitening layer's kernel size
+
+
+class _Whiten(nn.Module):
+    """A ``WHITEN_PATCH`` x ``WHITEN_PATCH`` valid conv with ``2 * patch dimension`` filters
+    whose kernel gets no gradient (``stop_gradient``: frozen where it was set); bias trained."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = WHITEN_PATCH * WHITEN_PATCH * x.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (WHITEN_PATCH, WHITEN_PATCH, x.shape[-1], 2 * dim),
+        )
+        bias = self.param("bias", nn.initializers.zeros, (2 * dim,))
+        y = jax.lax.conv_general_dilated(
+            x,
+            jax.lax.stop_gradient(kernel).astype(self.dtype),
+            (1, 1),
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias.astype(self.dtype)
+
+
+def _keys(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
+def is_frozen(path: Sequence[Any]) -> bool:
+    """Whether the parameter at ``path`` (a pytree key path) is frozen: the whitening
+    kernel, which the model never differentiates; the optimizer does not decay it."""
+    return _keys(path)[-2:] == ("whiten", "kernel")
+
+
+def is_norm_bias(path: Sequence[Any]) -> bool:
+    """Whether the parameter at ``path`` is a BatchNorm bias."""
+    keys = _keys(path)
+    return len(keys) >= 2 and keys[-1] == "bias" and keys[-2].startswith("BatchNorm")
+
+
+def init_from_data(
+    params: Any, images: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> Any:
+    """``params`` with the data-dependent parts set from train ``images``: the whitening
+    kernel of :class:`FastCifarNet` (:func:`whitening_kernel`); other models unchanged."""
+    if "whiten" not in params:
+        return params
+    kernel = whitening_kernel(images, mean, std)
+    return {**params, "whiten": {**params["whiten"], "kernel": jnp.asarray(kernel)}}
+
+
+def whitening_kernel(
+    images: np.ndarray, mean: Sequence[float], std: Sequence[float], eps: float = 5e-4
+) -> np.ndarray:
+    """The whitening layer's kernel for ``images`` (NHWC in [0, 1]), as in airbench: the
+    eigenvectors ``v_i`` of the covariance of all normalised ``WHITEN_PATCH``-square patches,
+    scaled by ``1 / sqrt(lambda_i + eps)``, largest first, then their negatives (HWIO)."""
+    x = (np.asarray(images, np.float64) - np.asarray(mean)) / np.asarray(std)
+    n, h, w, c = x.shape
+    p = WHITEN_PATCH
+    patches = np.stack(
+        [x[:, i : h - p + 1 + i, j : w - p + 1 + j] for i in range(p) for j in range(p)], axis=3
+    ).reshape(-1, p * p * c)  # (patch row, patch col, channel) order = HWI
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    order = np.argsort(eigenvalues)[::-1]
+    filters = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + eps)
+    kernel = np.concatenate([filters, -filters], axis=1)
+    return kernel.reshape(p, p, c, 2 * p * p * c).astype(np.float32)
+
+
+class FastCifarNet(nn.Module):
+    """airbench94's network (Jordan 2024, arXiv 2404.00498), written from its description.
+
+    A 2x2 ``whiten`` conv (``2 * 3 * 2 * 2 = 24`` filters, kernel frozen: set from the data
+    by :func:`whitening_kernel`, bias trained) and GELU, three conv groups of widths
+    ``(w, 4w, 4w)``, a 3x3 max-pool, a bias-free linear layer scaled by 1/9. BatchNorm has
+    no learned scale (bias only), PyTorch momentum 0.6 and epsilon 1e-12; convs start as
+    identity on their first channels (dirac init).
+    """
+
+    width: int
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        conv = functools.partial(
+            nn.Conv,
+            kernel_size=(3, 3),
+            use_bias=False,
+            padding="SAME",
+            dtype=self.dtype,
+            kernel_init=_dirac_init(),
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            use_scale=False,
+            momentum=0.4,  # PyTorch's 0.6
+            epsilon=1e-12,
+            dtype=self.dtype,
+        )
+        x = Normalize(self.mean, self.std)(x.astype(self.dtype))
+        x = nn.gelu(_Whiten(self.dtype, name="whiten")(x), approximate=False)
+        for w in (self.width, 4 * self.width, 4 * self.width):
+            x = _ConvGroup(w, conv, norm)(x)
+        x = nn.max_pool(x, (3, 3), (3, 3))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype)(x) / 9
+        return x.astype(jnp.float32)
+
+
 # The registry: name -> constructor(num_classes, mean, std, *, width, dtype).
 def _wrn(depth: int) -> Callable[..., nn.Module]:
     def make(num_classes, mean, std, *, width, dtype):
@@ -148,8 +300,14 @@ def _wrn(depth: int) -> Callable[..., nn.Module]:
     return make
 
 
+def fast_cifar(num_classes, mean, std, *, width=64, dtype=jnp.float32) -> nn.Module:
+    """:class:`FastCifarNet`; ``width`` is the first group's (64 = airbench94's 64/256/256)."""
+    return FastCifarNet(width, num_classes, tuple(mean), tuple(std), dtype)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet18": preact_resnet18,
+    "fast_cifar": fast_cifar,
     "wrn28_10": _wrn(28),
     "wrn34_10": _wrn(34),
 }
@@ -165,7 +323,8 @@ def create_model(
     width: int = 64,
     dtype: Any = jnp.float32,
 ) -> nn.Module:
-    """Builds a model by name (one of ``MODELS``). ``width`` only affects PreActResNet."""
+    """Builds a model by name (one of ``MODELS``). ``width`` affects PreActResNet and
+    fast_cifar."""
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; set config.model to one of {MODELS}")
     return _REGISTRY[name](num_classes, mean, std, width=width, dtype=dtype)

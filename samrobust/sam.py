@@ -103,6 +103,7 @@ def sam(
     adaptive: bool = False,
     eps: float = 1e-12,
     axis_name: str | None = None,
+    grouped: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM as an optax transformation: turns the gradient at ``w`` into the one at ``w + e``.
 
@@ -112,12 +113,18 @@ def sam(
       eps: added to the gradient norm; keeps a zero gradient from dividing by zero.
       axis_name: mapped axis over which to average the ascent gradient (synchronised SAM);
         ``None`` perturbs with the local gradient on every device.
+      grouped: m-sharpness within a device: the incoming gradients carry a leading group
+        axis (one gradient per group of examples), every group gets its own perturbation
+        ``e_g``, ``grad_fn`` maps parameters with that leading axis to per-group gradients
+        (group g's loss at ``w + e_g``), and the update is their mean over groups.
 
     The update call needs ``params`` and the keyword ``grad_fn(params) -> grads``, the loss
     gradient (same pytree structure as ``params``).
     """
     if not callable(rho) and rho < 0:
         raise ValueError(f"sam: rho must be >= 0, got {rho}")
+    if grouped and axis_name is not None:
+        raise ValueError("sam: grouped perturbations are per device; use axis_name=None")
 
     def init_fn(params: PyTree) -> SAMState:
         del params
@@ -131,9 +138,16 @@ def sam(
                 "tx.update(grads, state, params, grad_fn=jax.grad(loss))"
             )
         radius = rho(state.count) if callable(rho) else rho
-        sam_grads = sam_gradient(
-            grad_fn, updates, params, radius, adaptive=adaptive, eps=eps, axis_name=axis_name
-        )
+        if grouped:
+            e = jax.vmap(lambda g: perturbation(g, params, radius, adaptive=adaptive, eps=eps))(
+                updates
+            )
+            per_group = grad_fn(jax.tree.map(lambda w, eg: w[None] + eg, params, e))
+            sam_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_group)
+        else:
+            sam_grads = sam_gradient(
+                grad_fn, updates, params, radius, adaptive=adaptive, eps=eps, axis_name=axis_name
+            )
         return sam_grads, SAMState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -44,7 +44,7 @@ from samrobust.workdir import WorkdirLock
 
 AXIS = parallel.AXIS
 MODES = ("sgd", "sam", "at", "sam_at")
-LR_SCHEDULES = ("piecewise", "cosine")
+LR_SCHEDULES = ("piecewise", "cosine", "triangle")
 
 
 class ConfigError(UserError, ValueError):
@@ -69,6 +69,8 @@ class StepOptions:
     crop_padding: int = 0
     flip: bool = False
     attack: attacks.PGDSpec | None = None  # PGD for adversarial training
+    label_smoothing: float = 0.0
+    sam_groups: int = 1  # SAM perturbations per device (m-sharpness within a device)
 
 
 def uses_sam(mode: str) -> bool:
@@ -121,6 +123,30 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
     check(config.weight_decay >= 0, "weight_decay", "must be >= 0", "5e-4")
     check(config.eval_pgd_steps >= 0, "eval_pgd_steps", "must be >= 0", "10")
+    check(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", "0.2")
+    check(config.norm_bias_lr_scale > 0, "norm_bias_lr_scale", "must be > 0 (1 = off)", "64")
+    check(
+        len(config.lr_triangle) == 3
+        and min(config.lr_triangle) >= 0
+        and 0 <= config.lr_triangle[1] <= 1,
+        "lr_triangle",
+        "must be (start factor, peak fraction in [0, 1], end factor), all >= 0",
+        "'(0.2,0.23,0.07)'",
+    )
+    per_device = config.batch_size // max(num_devices, 1)
+    check(
+        config.sam_group_size == -1
+        or (config.sam_group_size > 0 and per_device % config.sam_group_size == 0),
+        "sam_group_size",
+        f"must be -1 (the per-device batch) or divide the per-device batch {per_device}",
+        str(per_device),
+    )
+    check(
+        not (config.sam_sync and config.sam_group_size not in (-1, per_device)),
+        "sam_group_size",
+        "groups within a device need per-device perturbations: drop --config.sam_sync",
+        "-1",
+    )
     check(config.crop_padding >= 0, "crop_padding", "must be >= 0", "4")
     for key in ("batch_size", "eval_batch_size"):
         check(
@@ -157,31 +183,72 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """The paper's piecewise schedule (x0.1 at 75% and 90%) or cosine decay."""
+    """The paper's piecewise schedule (x0.1 at 75% and 90%), cosine decay, or ``triangle``
+    (airbench's): linear from ``lr_triangle[0]`` x the peak at step 0 to the peak at the
+    fraction ``lr_triangle[1]`` of training, then linear to ``lr_triangle[2]`` x the peak."""
     if config.lr_schedule == "cosine":
         return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    if config.lr_schedule == "triangle":
+        start, peak, end = config.lr_triangle
+        peak_step = int(peak * total_steps)
+        lr = config.learning_rate
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(start * lr, lr, peak_step),
+                optax.linear_schedule(lr, end * lr, total_steps - peak_step),
+            ],
+            [peak_step],
+        )
     return optax.piecewise_constant_schedule(
         config.learning_rate, {int(0.75 * total_steps): 0.1, int(0.9 * total_steps): 0.1}
     )
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule
+    config: ml_collections.ConfigDict,
+    learning_rate: optax.ScalarOrSchedule,
+    grouped: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD.
+    """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD
+    (Nesterov with ``config.nesterov``).
 
-    The device mean needs the ``AXIS`` mapped axis: use the optimizer inside the step.
+    ``config.norm_bias_lr_scale`` = s multiplies the learning rate of BatchNorm biases by s
+    and divides their weight decay by s (their decay per step is unchanged; airbench's
+    ``bias_scaler``). Frozen parameters (:func:`samrobust.models.is_frozen`) get no weight
+    decay. The device mean needs the ``AXIS`` mapped axis: use the optimizer inside the step.
+    With ``grouped=True`` (:func:`sam_groups`) SAM takes per-group gradients.
     """
     parts = []
     if uses_sam(config.mode):
         parts.append(
-            sam(config.rho, adaptive=config.adaptive, axis_name=AXIS if config.sam_sync else None)
+            sam(
+                config.rho,
+                adaptive=config.adaptive,
+                axis_name=AXIS if config.sam_sync else None,
+                grouped=grouped,
+            )
         )
+    scale = config.norm_bias_lr_scale
+
+    def decay_mask(norm_bias: bool):
+        def mask(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: (
+                    not models.is_frozen(path) and models.is_norm_bias(path) == norm_bias
+                ),
+                params,
+            )
+
+        return mask
+
     parts += [
         optax.stateless(lambda g, _: jax.lax.pmean(g, AXIS)),  # SAM gradients are local
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(learning_rate, momentum=config.momentum),
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask(False)),
+        optax.add_decayed_weights(config.weight_decay / scale, mask=decay_mask(True)),
+        optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
     ]
+    if scale != 1:
+        parts.append(optax.masked(optax.scale(scale), decay_mask(True)))
     return optax.chain(*parts)
 
 
@@ -207,7 +274,30 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
     if uses_attack(config.mode):
         a = config.attack
         attack = attacks.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
-    return StepOptions(crop_padding=config.crop_padding, flip=config.flip, attack=attack)
+    return StepOptions(
+        crop_padding=config.crop_padding,
+        flip=config.flip,
+        attack=attack,
+        label_smoothing=config.label_smoothing,
+        sam_groups=sam_groups(config, jax.device_count()),
+    )
+
+
+def sam_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """SAM perturbations per device: the per-device batch over ``config.sam_group_size``
+    (-1: the per-device batch, one perturbation per device); 1 outside SAM modes."""
+    per_device = config.batch_size // num_devices
+    if not uses_sam(config.mode) or config.sam_group_size == -1:
+        return 1
+    return per_device // config.sam_group_size
+
+
+def training_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Mean cross-entropy against labels smoothed by ``label_smoothing`` (0: one-hot)."""
+    if not label_smoothing:
+        return jnp.mean(attacks.cross_entropy(logits, labels))
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
 def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
@@ -242,20 +332,20 @@ def train_step(
     k_aug, k_attack = jax.random.split(key)
     x = augment(k_aug, images, options.crop_padding, options.flip)
 
-    def loss_fn(params, inputs):
+    def loss_fn(params, inputs, targets):
         logits, new_vars = apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             inputs,
             train=True,
             mutable=["batch_stats"],
         )
-        loss = jnp.mean(attacks.cross_entropy(logits, labels))
+        loss = training_loss(logits, targets, options.label_smoothing)
         return loss, (logits, new_vars.get("batch_stats", {}))  # {}: a model without BN
 
     if options.attack is not None:  # AT: train on PGD examples (train-mode BN, stats unused)
         a = options.attack
         x = attacks.pgd(
-            attacks.input_loss(lambda z: loss_fn(state.params, z)[1][0]),
+            attacks.input_loss(lambda z: loss_fn(state.params, z, labels)[1][0]),
             x,
             labels,
             k_attack,
@@ -265,12 +355,22 @@ def train_step(
             norm=a.norm,
         )
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, x
-    )
     # SAM's ascent/descent gradients are fresh gradients of the loss on x: no attack leak.
-    grad_fn = lambda p: jax.grad(lambda q: loss_fn(q, x)[0])(p)  # noqa: E731
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.grad(lambda p, xs, ys: loss_fn(p, xs, ys)[0])
+    if options.sam_groups == 1:
+        (loss, (logits, batch_stats)), grads = value_and_grad(state.params, x, labels)
+        sam_grad_fn = lambda p: grad_fn(p, x, labels)  # noqa: E731
+    else:  # one SAM perturbation per group of examples: each group's own pass, BN included
+        groups = lambda a: a.reshape(options.sam_groups, -1, *a.shape[1:])  # noqa: E731
+        xg, yg = groups(x), groups(labels)
+        (losses, (logits, stats)), grads = jax.vmap(value_and_grad, (None, 0, 0))(
+            state.params, xg, yg
+        )
+        loss, logits = jnp.mean(losses), logits.reshape(-1, logits.shape[-1])
+        batch_stats = jax.tree.map(lambda a: jnp.mean(a, axis=0), stats)
+        sam_grad_fn = lambda p: jax.vmap(grad_fn)(p, xg, yg)  # noqa: E731
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     new_state = state.replace(
         step=state.step + 1,
@@ -451,11 +551,16 @@ def _train_and_evaluate(
 
     model = models.from_config(config, ds)
     lr_fn = learning_rate_schedule(config, total_steps)
-    tx = create_optimizer(config, lr_fn)
     mesh = parallel.default_mesh()
+    tx = create_optimizer(config, lr_fn, grouped=sam_groups(config, mesh.size) > 1)
     key = jax.random.key(config.seed)
     init_key, step_key, eval_key = jax.random.split(key, 3)
     state = create_train_state(init_key, model, tx, ds.image_shape, mesh)
+    # Data-dependent initialisation (fast_cifar's whitening layer) from a fixed stratified
+    # subset of the train split; a resumed run restores the result below.
+    sample = input_pipeline.eval_subset(ds.train_labels, min(5000, len(ds.train_labels)))
+    params = models.init_from_data(state.params, ds.train_images[sample], ds.mean, ds.std)
+    state = state.replace(params=parallel.replicate(params, mesh))
 
     config_dict = config.to_dict()
     ckpt = Checkpointer(

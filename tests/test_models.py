@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from samrobust import models
 from samrobust.models import MODELS, Normalize, create_model, wide_resnet
 
 MEAN = (0.49, 0.48, 0.45)
@@ -29,7 +30,15 @@ def test_parameter_counts(name, expected):
 
 
 def test_models_tuple_matches_create_model():
-    assert set(MODELS) == {"preact_resnet18", "wrn28_10", "wrn34_10"}
+    assert set(MODELS) == {"preact_resnet18", "wrn28_10", "wrn34_10", "fast_cifar"}
+    for name in MODELS:  # every listed name builds a model with 10 logits
+        model = create_model(name, 10, MEAN, STD, width=4)
+        out = jax.eval_shape(
+            lambda m=model: m.init_with_output(
+                jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
+            )[0]
+        )
+        assert out.shape == (1, 10), name
 
 
 # --- shapes --------------------------------------------------------------------------
@@ -212,3 +221,52 @@ def test_unknown_model_raises():
 def test_wide_resnet_bad_depth_raises():
     with pytest.raises(ValueError, match="depth"):
         wide_resnet(27, 10, 10, MEAN, STD)
+
+
+# --- fast_cifar ---------------------------------------------------------------------------
+
+
+def test_fast_cifar_shapes_and_parameter_count():
+    model = create_model("fast_cifar", 10, MEAN, STD, width=64)
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)
+    out = model.apply(variables, jnp.zeros((2, 32, 32, 3)), train=False)
+    assert out.shape == (2, 10) and out.dtype == jnp.float32
+    # airbench94's: 2x2 whitening (24 filters + bias), conv groups 64/256/256, BN biases,
+    # a bias-free 256 -> 10 head.
+    convs = 24 * 64 + 64 * 64 + 64 * 256 + 256 * 256 + 256 * 256 + 256 * 256
+    expected = (12 * 24 + 24) + 9 * convs + 2 * (64 + 256 + 256) + 256 * 10
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == expected == 1_971_640
+    assert "scale" not in str(jax.tree_util.tree_structure(variables["params"]))  # BN: bias only
+    k = variables["params"]["_ConvGroup_1"]["Conv_0"]["kernel"]  # (3, 3, 64, 256), dirac
+    np.testing.assert_array_equal(k[1, 1, :, :64], np.eye(64))
+    assert float(jnp.sum(jnp.abs(k[:, :, :, :64]))) == 64.0 and float(jnp.std(k[..., 64:])) > 0
+
+
+def test_whitening_kernel_whitens_the_patches_and_is_frozen():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(size=(64, 12, 12, 1))
+    images = np.clip(base + 0.1 * rng.normal(size=(64, 12, 12, 3)), 0, 1)  # correlated channels
+    mean, std = (0.5, 0.5, 0.5), (0.3, 0.3, 0.3)
+    kernel = models.whitening_kernel(images, mean, std, eps=0.0)
+    assert kernel.shape == (2, 2, 3, 24)
+    np.testing.assert_allclose(kernel[..., 12:], -kernel[..., :12])
+    x = (images - np.asarray(mean)) / np.asarray(std)
+    out = jax.lax.conv_general_dilated(
+        x, kernel[..., :12], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    ).reshape(-1, 12)
+    np.testing.assert_allclose(out.T @ out / len(out), np.eye(12), atol=2e-3)  # white
+
+    model = create_model("fast_cifar", 10, mean, std, width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    params = models.init_from_data(params, np.tile(images, (1, 3, 3, 1))[:, :32, :32], mean, std)
+    assert params["whiten"]["kernel"].shape == (2, 2, 3, 24)
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p, "batch_stats": batch_stats}, x32, train=False))
+
+    x32 = jnp.asarray(rng.uniform(size=(2, 32, 32, 3)), jnp.float32)
+    batch_stats = model.init(jax.random.key(0), x32, train=False)["batch_stats"]
+    g = jax.grad(loss)(params)
+    assert float(jnp.max(jnp.abs(g["whiten"]["kernel"]))) == 0.0  # frozen
+    assert float(jnp.max(jnp.abs(g["whiten"]["bias"]))) > 0.0  # trained
+    assert models.is_frozen(jax.tree_util.tree_flatten_with_path(params)[0][-1][0])

@@ -419,3 +419,80 @@ def test_missing_grad_fn_raises():
     chained = _tx()
     with pytest.raises(ValueError, match="grad_fn"):
         chained.update(params, chained.init(params), params)
+
+
+# --- per-group perturbations (m-sharpness within a device) ------------------------------
+
+
+def _grouped_problem(groups: int):
+    params, _ = _mlp_problem()
+    k = jax.random.split(jax.random.key(7), 2)
+    x = jax.random.normal(k[0], (8, 5))
+    y = jax.random.randint(k[1], (8,), 0, 3)
+
+    def loss(p, xs, ys):
+        logits = jnp.tanh(xs @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+        logp = logits - jax.scipy.special.logsumexp(logits, axis=1, keepdims=True)
+        return -jnp.mean(logp[jnp.arange(len(ys)), ys])
+
+    xg, yg = x.reshape(groups, -1, 5), y.reshape(groups, -1)
+    return params, loss, xg, yg
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_grouped_sam_matches_an_explicit_loop_over_groups(adaptive):
+    params, loss, xg, yg = _grouped_problem(groups=4)
+    grad = jax.grad(loss)
+    tx = sam(0.3, adaptive=adaptive, grouped=True)
+    per_group = jax.vmap(grad, (None, 0, 0))(params, xg, yg)
+    grad_fn = lambda pg: jax.vmap(grad)(pg, xg, yg)  # noqa: E731
+    got, _ = tx.update(per_group, tx.init(params), params, grad_fn=grad_fn)
+
+    expected = []
+    for xs, ys in zip(xg, yg, strict=True):  # the two passes, group by group
+        g = grad(params, xs, ys)
+        t = jax.tree.map(jnp.abs, params) if adaptive else jax.tree.map(jnp.ones_like, params)
+        n = _global_norm(jax.tree.leaves(jax.tree.map(jnp.multiply, t, g)))
+        e = jax.tree.map(lambda ti, gi: 0.3 * ti * ti * gi / (n + 1e-12), t, g)  # noqa: B023
+        expected.append(grad(jax.tree.map(jnp.add, params, e), xs, ys))
+    want = jax.tree.map(lambda *gs: sum(gs) / len(gs), *expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    # Not the single perturbation of the whole batch.
+    whole, _ = sam(0.3, adaptive=adaptive).update(
+        grad(params, xg.reshape(8, 5), yg.reshape(8)),
+        sam(0.3).init(params),
+        params,
+        grad_fn=lambda p: grad(p, xg.reshape(8, 5), yg.reshape(8)),
+    )
+    assert (
+        max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(whole), strict=True)
+        )
+        > 1e-4
+    )
+
+
+def test_one_group_equals_plain_sam():
+    params, loss, xg, yg = _grouped_problem(groups=1)
+    grad = jax.grad(loss)
+    grouped, _ = sam(0.3, grouped=True).update(
+        jax.vmap(grad, (None, 0, 0))(params, xg, yg),
+        sam(0.3).init(params),
+        params,
+        grad_fn=lambda pg: jax.vmap(grad)(pg, xg, yg),
+    )
+    plain, _ = sam(0.3).update(
+        grad(params, xg[0], yg[0]),
+        sam(0.3).init(params),
+        params,
+        grad_fn=lambda p: grad(p, xg[0], yg[0]),
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), grouped, plain
+    )
+
+
+def test_grouped_sam_refuses_a_synchronising_axis():
+    with pytest.raises(ValueError, match="grouped perturbations are per device"):
+        sam(0.1, grouped=True, axis_name="batch")

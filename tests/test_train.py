@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import at as at_config
@@ -270,3 +271,123 @@ def test_training_on_digits_never_imports_tensorflow():
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- the fast recipe's pieces ------------------------------------------------------------
+
+
+def test_grouped_sam_step_matches_per_group_two_pass_computation():
+    """A sam step with sam_group_size = half the batch: each group's own pass (BatchNorm
+    over the group), its own perturbation, then the mean SAM gradient, written by hand."""
+    config = digits_config(sam_at_config, mode="sam", rho=0.4, weight_decay=0.01)
+    config.update(learning_rate=0.2, batch_size=8, sam_group_size=4)
+    assert train.sam_groups(config, 1) == 2
+    assert train.sam_groups(digits_config(sam_at_config, mode="sam", batch_size=8), 1) == 1
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
+    model = TinyNet()
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 100), grouped=True)
+    state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+    x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
+    y = jnp.arange(8) % 3
+    step = train.make_train_step(model.apply, tx, train.StepOptions(sam_groups=2), mesh)
+    params0, stats0 = jax.device_get((state.params, state.batch_stats))
+    new_state, metrics = step(state, x, y, jax.random.key(2))
+
+    def loss(p, xs, ys):
+        logits, upd = model.apply(
+            {"params": p, "batch_stats": stats0}, xs, train=True, mutable=["batch_stats"]
+        )
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), ys[:, None], 1)
+        return jnp.mean(ce), upd["batch_stats"]
+
+    g_sams, stats, losses = [], [], []
+    for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])):
+        (l0, s1), g = jax.value_and_grad(loss, has_aux=True)(params0, xs, ys)
+        gnorm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+        w_adv = jax.tree.map(lambda w, gi: w + 0.4 * gi / gnorm, params0, g)  # noqa: B023
+        g_sams.append(jax.grad(lambda p: loss(p, xs, ys)[0])(w_adv))  # noqa: B023
+        stats.append(s1)
+        losses.append(l0)
+    g_sam = jax.tree.map(lambda a, b: (a + b) / 2, *g_sams)
+    expected = jax.tree.map(lambda w, gi: w - 0.2 * (gi + 0.01 * w), params0, g_sam)
+    for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    mean_stats = jax.tree.map(lambda a, b: (a + b) / 2, *stats)
+    for got, want in zip(
+        jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(mean_stats), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss"], (losses[0] + losses[1]) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"sam_group_size": 5}, "config.sam_group_size = 5: must be -1"),
+        ({"sam_group_size": 32, "sam_sync": True}, "drop --config.sam_sync"),
+        ({"label_smoothing": 1.0}, "config.label_smoothing = 1.0"),
+        ({"norm_bias_lr_scale": 0.0}, "config.norm_bias_lr_scale = 0.0"),
+        ({"lr_triangle": (0.2, 1.5, 0.1)}, "config.lr_triangle"),
+    ],
+)
+def test_invalid_recipe_fields_are_config_errors(overrides, message):
+    config = digits_config(sam_at_config, mode="sam", **overrides)
+    with pytest.raises(train.ConfigError, match=message):
+        train.validate_config(config, 1)
+
+
+def test_label_smoothing_loss_against_numpy():
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]], np.float32)
+    labels = np.array([0, 1])
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    targets = np.eye(3)[labels] * 0.8 + 0.2 / 3
+    want = -(targets * logp).sum(1).mean()
+    got = train.training_loss(jnp.asarray(logits), jnp.asarray(labels), 0.2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plain = train.training_loss(jnp.asarray(logits), jnp.asarray(labels), 0.0)
+    np.testing.assert_allclose(plain, -logp[[0, 1], labels].mean(), rtol=1e-6)
+
+
+def test_triangle_schedule():
+    config = digits_config(learning_rate=2.0, lr_schedule="triangle", lr_triangle=(0.2, 0.25, 0.1))
+    lr = train.learning_rate_schedule(config, 100)
+    np.testing.assert_allclose(
+        [lr(0), lr(10), lr(25), lr(55), lr(100)], [0.4, 1.04, 2.0, 1.28, 0.2], rtol=1e-5
+    )
+
+
+def test_nesterov_norm_bias_scale_and_frozen_whitening_against_hand_computation():
+    """Two optimizer steps on named parameters: Nesterov momentum, BatchNorm biases with
+    lr x 64 and weight decay / 64, the frozen whitening kernel without weight decay."""
+    config = digits_config(learning_rate=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
+    config.norm_bias_lr_scale = 64.0
+    tx = train.create_optimizer(config, 0.1)
+    params = {
+        "BatchNorm_0": {"bias": jnp.array([1.0, -2.0])},
+        "Dense_0": {"kernel": jnp.array([[0.5, 3.0]]), "bias": jnp.array([2.0])},
+        "whiten": {"kernel": jnp.array([4.0]), "bias": jnp.array([1.0])},
+    }
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+    update = jax.vmap(lambda g, s, p: tx.update(g, s, p), axis_name=train.AXIS)
+    state = jax.tree.map(lambda a: a[None], tx.init(params))
+    p = params
+    for _ in range(2):
+        batched = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
+        updates, state = update(batched(grads), state, batched(p))
+        p = optax.apply_updates(p, jax.tree.map(lambda a: a[0], updates))
+
+    def hand(w, wd, scale):
+        w, trace = np.asarray(w, np.float64), 0.0
+        for _ in range(2):
+            d = 0.1 + wd * w
+            trace = d + 0.85 * trace
+            w = w - scale * 0.1 * (d + 0.85 * trace)  # optax's Nesterov
+        return w
+
+    np.testing.assert_allclose(
+        p["BatchNorm_0"]["bias"], hand([1.0, -2.0], 0.01 / 64, 64), rtol=1e-5
+    )
+    np.testing.assert_allclose(p["Dense_0"]["kernel"], hand([[0.5, 3.0]], 0.01, 1), rtol=1e-5)
+    np.testing.assert_allclose(p["Dense_0"]["bias"], hand([2.0], 0.01, 1), rtol=1e-5)
+    np.testing.assert_allclose(p["whiten"]["kernel"], hand([4.0], 0.0, 1), rtol=1e-5)
+    np.testing.assert_allclose(p["whiten"]["bias"], hand([1.0], 0.01, 1), rtol=1e-5)
