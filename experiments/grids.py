@@ -14,6 +14,9 @@ Every grid holds the methods of the paper (Wei, Zhu & Zhang 2023; ``../shared/PA
 ``cifar10_cpu`` is the CIFAR-10 reproduction sized for two CPU cores (the JPEG copy in
 ``../shared/data``; its scale is explained at ``CIFAR10_CPU_SCALE``): SGD, SAM rho in
 {0.05, 0.1, 0.2, 0.4}, Linf AT at 2/255 and 8/255, L2 AT at 32/255, all AT with PGD-5.
+``cifar10_fast`` is the same comparison at real accuracy: the fast recipe
+(``configs/<mode>.py:fast``, the ``fast_cifar`` network; sized at ``CIFAR10_FAST_SCALE``),
+SGD and SAM rho in {0.05, 0.1, 0.2, 0.4} over 3 seeds, the three AT configs over 2.
 ``paper_cifar10`` and ``paper_cifar100`` are the paper's recipe as is (``configs/<mode>.py``:
 PreActResNet-18, 100 epochs, batch 128), for GPU/TPU machines. ``digits`` runs the same
 methods with the same budgets on the offline 8x8 digits dataset (``configs/<mode>.py:digits``)
@@ -35,7 +38,8 @@ class RunSpec:
     name: str  # the workdir name, before the seed suffix
     mode: str  # sgd | sam | at | sam_at
     overrides: tuple[tuple[str, Any], ...] = ()
-    config_arg: str | None = None  # "digits" for the offline variant
+    config_arg: str | None = None  # "digits" for the offline variant, "fast" for fast_cifar
+    seeds: int | None = None  # at most this many seeds (None: as many as --seeds asks)
 
     @property
     def config(self) -> str:
@@ -107,6 +111,45 @@ def cifar10_cpu_methods() -> list[RunSpec]:
     return runs + [at("linf", 2, 1), at("linf", 8, 2), at("l2", 32, 16)]
 
 
+# cifar10_fast: the fast recipe (`configs/<mode>.py:fast`: fast_cifar at width 32, 10
+# epochs of all 50,000 train images, batch 512, label smoothing 0.2, SAM perturbing per 128
+# examples) on the CIFAR-10 JPEG copy; the paper suite (PGD-10) on all 10,000 test images.
+# Sizing (experiments/results/cifar10_fast/SIZING.md): SGD ~30 min of training on the 2
+# cores, SAM ~2x, PGD-k AT ~(k+1)x.
+CIFAR10_FAST_SCALE = (
+    ("dataset", "image_folder"),
+    ("data_dir", os.path.normpath(CIFAR10_DATA)),
+    ("log_every_steps", 20),
+    ("checkpoint_every_steps", 97),
+    ("keep_checkpoints", 1),
+)
+FAST_SAM_RHOS = (0.05, 0.1, 0.2, 0.4)
+FAST_AT_STEPS = 5  # the paper's PGD-5
+
+
+def cifar10_fast_methods() -> list[RunSpec]:
+    """SGD and SAM rho 0.05-0.4 (3 seeds); Linf AT 2/255 (step 1/255) and 8/255 (step
+    2/255), L2 AT 32/255 (step 16/255), PGD-``FAST_AT_STEPS`` (2 seeds)."""
+
+    def run(name: str, mode: str, *overrides: tuple[str, Any], seeds: int = 3) -> RunSpec:
+        return RunSpec(name, mode, (*CIFAR10_FAST_SCALE, *overrides), "fast", seeds)
+
+    def at(norm: str, eps: int, step: int) -> RunSpec:
+        return run(
+            f"at_{norm}_eps{eps}",
+            "at",
+            ("attack.norm", norm),
+            ("attack.eps", eps / 255),
+            ("attack.step_size", step / 255),
+            ("attack.steps", FAST_AT_STEPS),
+            seeds=2,
+        )
+
+    runs = [run("sgd", "sgd")]
+    runs += [run(f"sam_rho{rho:g}", "sam", ("rho", rho)) for rho in FAST_SAM_RHOS]
+    return runs + [at("linf", 2, 1), at("linf", 8, 2), at("l2", 32, 16)]
+
+
 # smoke: a few steps of a width-4 network (tests.helpers.TINY), for the sweep's own tests.
 SMOKE_SCALE = (
     ("width", 4),
@@ -160,6 +203,7 @@ GRIDS: dict[str, list[RunSpec]] = {
     "paper_cifar100": paper_methods((("dataset", "cifar100"),)),
     "digits": paper_methods(DIGITS_SCALE, "digits"),
     "cifar10_cpu": cifar10_cpu_methods(),
+    "cifar10_fast": cifar10_fast_methods(),
     "smoke": [
         RunSpec("sgd", "sgd", SMOKE_SCALE, "digits"),
         RunSpec("sam_rho0.05", "sam", (*SMOKE_SCALE, ("rho", 0.05)), "digits"),

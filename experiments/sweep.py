@@ -113,12 +113,14 @@ class Run:
 
 
 def expand(grid: str, root: str, seeds: int, extra_overrides: Sequence[str] = ()) -> list[Run]:
-    """The runs of ``grid`` for seeds ``0..seeds-1``, seed-major."""
+    """The runs of ``grid`` for seeds ``0..seeds-1`` (fewer for a spec that caps its
+    ``seeds``), seed-major."""
     root = os.fspath(paths.path(root))
     return [
         Run(spec, seed, root, tuple(extra_overrides))
         for seed in range(seeds)
         for spec in GRIDS[grid]
+        if spec.seeds is None or seed < spec.seeds
     ]
 
 
