@@ -2,6 +2,8 @@
 
   python -m experiments.bench --width=16 --batch=32 --modes=sgd,sam,at --pgd_steps=5 \
       --torch --json=experiments/results/bench_cpu.json
+  python -m experiments.bench --model=fast_cifar --recipe=fast --width=32 --batch=512 \
+      --modes=sgd,sam,at --pgd_steps=5 --sections=train
 
 Times the train step that ``samrobust.main`` uses (``train.make_train_step``, all devices)
 on synthetic in-memory CIFAR-shaped data: images/s, step time, compile time, peak memory
@@ -103,20 +105,19 @@ def model_flops_per_step(model, mode: str, args) -> int:
 def train_setup(args, mode: str):
     """``samrobust.main``'s train step for ``mode``, compiled on all devices, with a state and
     a batch: ``(compiled, state, (images, labels, key), compile_s)``."""
-    config = default_config.get_config()
+    config = default_config.get_config(None if args.recipe == "paper" else args.recipe)
     config.update(
         mode=mode,
         model=args.model,
         width=args.width,
         batch_size=args.batch,
         half_precision=args.half_precision,
-        crop_padding=4,
-        flip=True,
     )
     config.attack.steps = args.pgd_steps
     mesh = parallel.default_mesh()
     model = bench_model(args)
-    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1000))
+    grouped = train.sam_groups(config, mesh.size) > 1
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1000), grouped)
     state = train.create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
     step = train.make_train_step(model.apply, tx, train.step_options(config), mesh)
     rng = np.random.default_rng(0)
@@ -404,6 +405,13 @@ def bench_torch(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="preact_resnet18", choices=models.MODELS)
+    p.add_argument(
+        "--recipe",
+        default="paper",
+        choices=("paper", "fast"),
+        help="the training recipe around the step: configs/default.py's (paper) or its "
+        "'fast' variant (label smoothing, Nesterov, SAM groups of sam_group_size...)",
+    )
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--modes", default="sgd,sam,at,sam_at")

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from samrobust import input_pipeline, robustness
-from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env
-from tests.test_input_pipeline import write_folder
+from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env, write_folder
 
 N = 32  # test examples evaluated
 AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]

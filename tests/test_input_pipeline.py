@@ -13,35 +13,17 @@ import pytest
 from PIL import Image
 
 from samrobust import input_pipeline
-from tests.helpers import REPO, read_results, run_main, run_module
-
-CLASSES = ("cat", "airplane", "dog")  # sorted: airplane=0, cat=1, dog=2
-
-
-def image(seed: int, size: int = 8) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def seed_of(split: str, c: int, i: int) -> int:
-    return 1000 * (split == "test") + 100 * c + i
-
-
-def write_folder(root, per_class=(6, 2), size: int = 8) -> dict:
-    """A tiny image folder, PNG for even and JPEG for odd files; returns the PNG pixels by
-    (split, class, index)."""
-    pixels = {}
-    for split, n in zip(("train", "test"), per_class, strict=True):
-        for c, cls in enumerate(CLASSES):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                array = image(seed_of(split, c, i), size)
-                if i % 2 == 0:
-                    Image.fromarray(array).save(folder / f"{i:03d}.png")
-                    pixels[split, cls, i] = array
-                else:
-                    Image.fromarray(array).save(folder / f"{i:03d}.jpg", quality=95)
-    return pixels
+from tests.helpers import (
+    CIFAR10_JPEG,
+    REPO,
+    extract_slice,
+    image,
+    read_results,
+    run_main,
+    run_module,
+    seed_of,
+    write_folder,
+)
 
 
 @pytest.fixture
@@ -315,24 +297,6 @@ def test_the_evaluation_subset_of_a_class_sorted_folder_covers_every_class(tmp_p
     assert subset["rule"] == input_pipeline.EVAL_SUBSET_RULE and subset["num_examples"] == 12
     assert subset == input_pipeline.describe_subset(here, 90)
     assert input_pipeline.evaluation_points(ds)[2]["rule"] == "all"
-
-
-CIFAR10_JPEG = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
-
-
-def extract_slice(archive: str, root, per_class: dict[str, int]) -> None:
-    """The first ``per_class[split]`` images of every class of ``archive`` into ``root``."""
-    taken: dict[tuple[str, str], int] = {}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = member.name.lstrip("./").split("/")
-            if not member.isfile() or len(parts) < 3:
-                continue
-            split, cls, name = parts[-3:]
-            if taken.get((split, cls), 0) < per_class.get(split, 0):
-                taken[split, cls] = taken.get((split, cls), 0) + 1
-                (root / split / cls).mkdir(parents=True, exist_ok=True)
-                (root / split / cls / name).write_bytes(tar.extractfile(member).read())
 
 
 @pytest.mark.slow

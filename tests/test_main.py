@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
+    CIFAR10_JPEG,
     REPO,
     TINY,
+    extract_slice,
     load_checkpoint,
     main_command,
     read_results,
@@ -197,3 +199,30 @@ def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
     with open(os.path.join(workdir, "eval_paper_sub32_best.json")) as f:
         report = json.load(f)
     assert report["run"]["step"] == best and report["run"]["checkpoint"] == "best"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CIFAR10_JPEG), reason="../shared/data not beside the repo")
+def test_fast_sam_recipe_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
+    """``configs/sam.py:fast`` (fast_cifar, whitening init, label smoothing, Nesterov,
+    triangle schedule, SAM per group of 50) on 1,000 train and 200 test images of the
+    shared CIFAR-10 JPEG copy, width 16, 15 epochs."""
+    root = tmp_path / "cifar10_slice"
+    extract_slice(CIFAR10_JPEG, root, {"train": 100, "test": 20})
+    workdir = str(tmp_path / "run")
+    run_main(
+        "configs/sam.py:fast",
+        workdir,
+        "--config.dataset=image_folder",
+        f"--config.data_dir={root}",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+        "--config.width=16",
+        "--config.num_epochs=15",
+        "--config.batch_size=100",
+        "--config.sam_group_size=50",
+        "--config.eval_batch_size=100",
+        "--config.eval_pgd_steps=1",
+    )
+    results = read_results(workdir)
+    assert results["mode"] == "sam" and results["train_examples"] == 1000
+    assert results["accuracy"]["clean"] > 0.3, results["accuracy"]  # chance: 0.10

@@ -21,7 +21,7 @@ def test_dry_run_builds_and_validates_every_config(grid, tmp_path, capsys):
     assert sweep.main([f"--grid={grid}", f"--root={root}", "--dry_run", "--eval=autoattack"]) == 0
     out = capsys.readouterr().out
     runs = sweep.expand(grid, root, seeds=3)
-    assert len(runs) == 3 * len(GRIDS[grid])
+    assert len(runs) == sum(min(3, s.seeds or 3) for s in GRIDS[grid])
     assert len({r.name for r in runs}) == len(runs)
     assert f"{len(runs)} runs of grid {grid!r} built and validated: 0 done, 0 resume" in out
     assert out.count("-m samrobust.evaluate") == len(runs)
@@ -40,6 +40,25 @@ def test_dry_run_builds_and_validates_every_config(grid, tmp_path, capsys):
 def method_overrides(spec: RunSpec) -> tuple:
     scale = {"dataset", "width", "num_epochs"}
     return spec.mode, tuple((k, v) for k, v in spec.overrides if k not in scale)
+
+
+def test_cifar10_fast_runs_3_seeds_of_sgd_and_sam_and_2_of_at(tmp_path):
+    names = [r.name for r in sweep.expand("cifar10_fast", str(tmp_path), seeds=3)]
+    assert names[:5] == [
+        "sgd_s0",
+        "sam_rho0.05_s0",
+        "sam_rho0.1_s0",
+        "sam_rho0.2_s0",
+        "sam_rho0.4_s0",
+    ]
+    assert "sam_rho0.4_s2" in names and "at_linf_eps8_s1" in names
+    assert not any(n.startswith("at_") and n.endswith("_s2") for n in names)
+    assert len(names) == 5 * 3 + 3 * 2
+    assert {s.config for s in GRIDS["cifar10_fast"]} == {
+        "configs/sgd.py:fast",
+        "configs/sam.py:fast",
+        "configs/at.py:fast",
+    }
 
 
 def test_grids_hold_the_papers_methods():
