@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attack.eps = 8 / 255
     config.attack.step_size = 2 / 255
     config.attack.steps = 5
+    # The AT modes' loss: ce (Madry: CE on the PGD examples), trades (CE on clean + at_beta
+    # x KL(clean || adversarial), attack maximising the KL) or mart (samrobust.losses).
+    config.at_loss = "ce"
+    config.at_beta = 6.0
 
     # Evaluation during training: every N epochs (0 = off) clean and PGD accuracy on the
     # validation split (the test split when val_examples = 0); keeps the best checkpoint by

@@ -50,6 +50,8 @@ ADDED_KEYS = {
     "lr_triangle": [0.2, 0.23, 0.07],
     "norm_bias_lr_scale": 1.0,
     "sam_group_size": -1,
+    "at_loss": "ce",
+    "at_beta": 6.0,
 }
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"

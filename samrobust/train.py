@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, models, parallel, paths, robustness
+from samrobust import attacks, input_pipeline, losses, models, parallel, paths, robustness
 from samrobust.checkpoint import (
     BEST_METRIC,
     Checkpointer,
@@ -71,6 +71,8 @@ class StepOptions:
     attack: attacks.PGDSpec | None = None  # PGD for adversarial training
     label_smoothing: float = 0.0
     sam_groups: int = 1  # SAM perturbations per device (m-sharpness within a device)
+    at_loss: str = "ce"  # ce (Madry) | trades | mart: the loss of the AT modes
+    at_beta: float = 6.0  # TRADES / MART weight of the KL term
 
 
 def uses_sam(mode: str) -> bool:
@@ -124,6 +126,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     check(config.weight_decay >= 0, "weight_decay", "must be >= 0", "5e-4")
     check(config.eval_pgd_steps >= 0, "eval_pgd_steps", "must be >= 0", "10")
     check(0 <= config.label_smoothing < 1, "label_smoothing", "must be in [0, 1)", "0.2")
+    check(
+        config.at_loss in losses.AT_LOSSES,
+        "at_loss",
+        f"must be one of {losses.AT_LOSSES}",
+        "trades",
+    )
+    check(
+        config.at_loss == "ce" or uses_attack(config.mode),
+        "at_loss",
+        f"{config.at_loss} needs an adversarial mode (--config.mode=at or sam_at)",
+        "ce",
+    )
+    check(config.at_beta >= 0, "at_beta", "must be >= 0", "6.0")
     check(config.norm_bias_lr_scale > 0, "norm_bias_lr_scale", "must be > 0 (1 = off)", "64")
     check(
         len(config.lr_triangle) == 3
@@ -280,6 +295,8 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
         attack=attack,
         label_smoothing=config.label_smoothing,
         sam_groups=sam_groups(config, jax.device_count()),
+        at_loss=config.at_loss if uses_attack(config.mode) else "ce",
+        at_beta=config.at_beta,
     )
 
 
@@ -290,14 +307,6 @@ def sam_groups(config: ml_collections.ConfigDict, num_devices: int) -> int:
     if not uses_sam(config.mode) or config.sam_group_size == -1:
         return 1
     return per_device // config.sam_group_size
-
-
-def training_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Mean cross-entropy against labels smoothed by ``label_smoothing`` (0: one-hot)."""
-    if not label_smoothing:
-        return jnp.mean(attacks.cross_entropy(logits, labels))
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
 def augment(key: jax.Array, images: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
@@ -332,20 +341,36 @@ def train_step(
     k_aug, k_attack = jax.random.split(key)
     x = augment(k_aug, images, options.crop_padding, options.flip)
 
-    def loss_fn(params, inputs, targets):
+    def forward(params, inputs):
         logits, new_vars = apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             inputs,
             train=True,
             mutable=["batch_stats"],
         )
-        loss = training_loss(logits, targets, options.label_smoothing)
-        return loss, (logits, new_vars.get("batch_stats", {}))  # {}: a model without BN
+        return logits, new_vars.get("batch_stats", {})  # {}: a model without BN
 
-    if options.attack is not None:  # AT: train on PGD examples (train-mode BN, stats unused)
+    def loss_fn(params, clean, adv, targets):
+        """The training loss on (clean, adversarial) inputs: (loss, (logits, BN stats))."""
+        if options.at_loss == "ce":  # on the PGD examples (AT), else on the clean inputs
+            logits, stats = forward(params, adv)
+            return losses.cross_entropy(logits, targets, options.label_smoothing), (logits, stats)
+        clean_logits, stats = forward(params, clean)  # TRADES / MART: stats of the clean pass
+        logits, _ = forward(params, adv)
+        method = losses.trades if options.at_loss == "trades" else losses.mart
+        loss = method(clean_logits, logits, targets, options.at_beta, options.label_smoothing)
+        return loss, (logits, stats)
+
+    x_adv = x
+    if options.attack is not None:  # AT: PGD examples (train-mode BN, stats unused)
         a = options.attack
-        x = attacks.pgd(
-            attacks.input_loss(lambda z: loss_fn(state.params, z, labels)[1][0]),
+        logits_at = lambda z: forward(state.params, z)[0]  # noqa: E731
+        if options.at_loss == "trades":
+            attack_loss = losses.trades_attack_loss(logits_at, logits_at(x))
+        else:
+            attack_loss = attacks.input_loss(logits_at)
+        x_adv = attacks.pgd(
+            attack_loss,
             x,
             labels,
             k_attack,
@@ -355,21 +380,21 @@ def train_step(
             norm=a.norm,
         )
 
-    # SAM's ascent/descent gradients are fresh gradients of the loss on x: no attack leak.
+    # SAM's ascent/descent gradients are fresh gradients of the loss: no attack leak.
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-    grad_fn = jax.grad(lambda p, xs, ys: loss_fn(p, xs, ys)[0])
+    grad_fn = jax.grad(lambda p, *batch: loss_fn(p, *batch)[0])
+    batch = (x, x_adv, labels)
     if options.sam_groups == 1:
-        (loss, (logits, batch_stats)), grads = value_and_grad(state.params, x, labels)
-        sam_grad_fn = lambda p: grad_fn(p, x, labels)  # noqa: E731
+        (loss, (logits, batch_stats)), grads = value_and_grad(state.params, *batch)
+        sam_grad_fn = lambda p: grad_fn(p, *batch)  # noqa: E731
     else:  # one SAM perturbation per group of examples: each group's own pass, BN included
-        groups = lambda a: a.reshape(options.sam_groups, -1, *a.shape[1:])  # noqa: E731
-        xg, yg = groups(x), groups(labels)
-        (losses, (logits, stats)), grads = jax.vmap(value_and_grad, (None, 0, 0))(
-            state.params, xg, yg
+        batch = tuple(a.reshape(options.sam_groups, -1, *a.shape[1:]) for a in batch)
+        (group_losses, (logits, stats)), grads = jax.vmap(value_and_grad, (None, 0, 0, 0))(
+            state.params, *batch
         )
-        loss, logits = jnp.mean(losses), logits.reshape(-1, logits.shape[-1])
+        loss, logits = jnp.mean(group_losses), logits.reshape(-1, logits.shape[-1])
         batch_stats = jax.tree.map(lambda a: jnp.mean(a, axis=0), stats)
-        sam_grad_fn = lambda p: jax.vmap(grad_fn)(p, xg, yg)  # noqa: E731
+        sam_grad_fn = lambda p: jax.vmap(grad_fn)(p, *batch)  # noqa: E731
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     new_state = state.replace(

@@ -1,5 +1,6 @@
 """Unit tests of the training system: config errors, the step's maths, checkpoints, NaN."""
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -328,6 +329,8 @@ def test_grouped_sam_step_matches_per_group_two_pass_computation():
         ({"label_smoothing": 1.0}, "config.label_smoothing = 1.0"),
         ({"norm_bias_lr_scale": 0.0}, "config.norm_bias_lr_scale = 0.0"),
         ({"lr_triangle": (0.2, 1.5, 0.1)}, "config.lr_triangle"),
+        ({"at_loss": "trades"}, "trades needs an adversarial mode"),
+        ({"at_loss": "hinge"}, "config.at_loss = 'hinge'"),
     ],
 )
 def test_invalid_recipe_fields_are_config_errors(overrides, message):
@@ -336,16 +339,39 @@ def test_invalid_recipe_fields_are_config_errors(overrides, message):
         train.validate_config(config, 1)
 
 
-def test_label_smoothing_loss_against_numpy():
-    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]], np.float32)
-    labels = np.array([0, 1])
-    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    targets = np.eye(3)[labels] * 0.8 + 0.2 / 3
-    want = -(targets * logp).sum(1).mean()
-    got = train.training_loss(jnp.asarray(logits), jnp.asarray(labels), 0.2)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    plain = train.training_loss(jnp.asarray(logits), jnp.asarray(labels), 0.0)
-    np.testing.assert_allclose(plain, -logp[[0, 1], labels].mean(), rtol=1e-6)
+def test_trades_with_beta_zero_is_clean_cross_entropy_training():
+    """at + TRADES with beta 0: the PGD examples enter only the KL term, so the step equals
+    an SGD step on the clean inputs (same key, same augmentation); beta > 0 differs."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
+    model = TinyNet()
+    x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
+    y = jnp.arange(8) % 3
+    params = {}
+    for name, mode, at_loss, beta in (
+        ("sgd", "sgd", "ce", 6.0),
+        ("trades0", "at", "trades", 0.0),
+        ("trades6", "at", "trades", 6.0),
+    ):
+        config = digits_config(at_config, mode=mode, at_loss=at_loss, at_beta=beta)
+        train.validate_config(config, 1)
+        tx = train.create_optimizer(config, 0.1)
+        state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+        options = dataclasses.replace(train.step_options(config), crop_padding=0)
+        if mode == "at":
+            assert options.at_loss == "trades" and options.attack is not None
+        step = train.make_train_step(model.apply, tx, options, mesh)
+        params[name] = jax.device_get(step(state, x, y, jax.random.key(2))[0].params)
+    for a, b in zip(
+        jax.tree.leaves(params["sgd"]), jax.tree.leaves(params["trades0"]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(params["sgd"]), jax.tree.leaves(params["trades6"]), strict=True
+        )
+    )
+    assert diff > 1e-5
 
 
 def test_triangle_schedule():
