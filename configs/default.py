@@ -54,6 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Examples per perturbation (the m of m-sharpness) within a device; -1: the per-device
     # batch (one perturbation per device).
     config.sam_group_size = -1
+    # Cheaper SAM: plain steps before this fraction of training; SAM on a random fraction
+    # of the steps (the second pass is skipped on the others).
+    config.sam_start_fraction = 0.0
+    config.sam_probability = 1.0
 
     # Adversarial training (modes at, sam_at): PGD inner maximisation.
     config.attack = ml_collections.ConfigDict()

@@ -52,6 +52,8 @@ ADDED_KEYS = {
     "sam_group_size": -1,
     "at_loss": "ce",
     "at_beta": 6.0,
+    "sam_start_fraction": 0.0,
+    "sam_probability": 1.0,
 }
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"

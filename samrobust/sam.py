@@ -104,6 +104,8 @@ def sam(
     eps: float = 1e-12,
     axis_name: str | None = None,
     grouped: bool = False,
+    probability: float = 1.0,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM as an optax transformation: turns the gradient at ``w`` into the one at ``w + e``.
 
@@ -117,6 +119,14 @@ def sam(
         axis (one gradient per group of examples), every group gets its own perturbation
         ``e_g``, ``grad_fn`` maps parameters with that leading axis to per-group gradients
         (group g's loss at ``w + e_g``), and the update is their mean over groups.
+      probability: randomised SAM (Zhao et al. 2022, arXiv 2203.09962): each update is a
+        SAM update with this probability, else the plain gradient (drawn from ``seed`` and
+        the update count, the same on every device).
+
+    Cheaper SAM with the cost really saved: when ``rho`` is a schedule or ``probability <
+    1``, the second pass runs under ``lax.cond`` only on the updates where the radius is > 0
+    and the draw says SAM, e.g. SAM in the last 30% of 1000 updates:
+    ``sam(lambda n: jnp.where(n >= 700, 0.1, 0.0))``.
 
     The update call needs ``params`` and the keyword ``grad_fn(params) -> grads``, the loss
     gradient (same pytree structure as ``params``).
@@ -125,6 +135,8 @@ def sam(
         raise ValueError(f"sam: rho must be >= 0, got {rho}")
     if grouped and axis_name is not None:
         raise ValueError("sam: grouped perturbations are per device; use axis_name=None")
+    if not 0 <= probability <= 1:
+        raise ValueError(f"sam: probability must be in [0, 1], got {probability}")
 
     def init_fn(params: PyTree) -> SAMState:
         del params
@@ -138,16 +150,35 @@ def sam(
                 "tx.update(grads, state, params, grad_fn=jax.grad(loss))"
             )
         radius = rho(state.count) if callable(rho) else rho
-        if grouped:
+
+        def perturbed():
+            if not grouped:
+                return sam_gradient(
+                    grad_fn,
+                    updates,
+                    params,
+                    radius,
+                    adaptive=adaptive,
+                    eps=eps,
+                    axis_name=axis_name,
+                )
             e = jax.vmap(lambda g: perturbation(g, params, radius, adaptive=adaptive, eps=eps))(
                 updates
             )
             per_group = grad_fn(jax.tree.map(lambda w, eg: w[None] + eg, params, e))
-            sam_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_group)
+            return jax.tree.map(lambda g: jnp.mean(g, axis=0), per_group)
+
+        def plain():
+            return jax.tree.map(lambda g: jnp.mean(g, axis=0), updates) if grouped else updates
+
+        if callable(rho) or probability < 1:
+            active = jnp.asarray(radius) > 0
+            if probability < 1:
+                key = jax.random.fold_in(jax.random.key(seed), state.count)
+                active &= jax.random.bernoulli(key, probability)
+            sam_grads = jax.lax.cond(active, perturbed, plain)
         else:
-            sam_grads = sam_gradient(
-                grad_fn, updates, params, radius, adaptive=adaptive, eps=eps, axis_name=axis_name
-            )
+            sam_grads = perturbed()
         return sam_grads, SAMState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

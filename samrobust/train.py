@@ -139,6 +139,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         "ce",
     )
     check(config.at_beta >= 0, "at_beta", "must be >= 0", "6.0")
+    check(0 <= config.sam_start_fraction < 1, "sam_start_fraction", "must be in [0, 1)", "0.7")
+    check(0 < config.sam_probability <= 1, "sam_probability", "must be in (0, 1]", "0.5")
     check(config.norm_bias_lr_scale > 0, "norm_bias_lr_scale", "must be > 0 (1 = off)", "64")
     check(
         len(config.lr_triangle) == 3
@@ -223,6 +225,7 @@ def create_optimizer(
     config: ml_collections.ConfigDict,
     learning_rate: optax.ScalarOrSchedule,
     grouped: bool = False,
+    total_steps: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD
     (Nesterov with ``config.nesterov``).
@@ -231,16 +234,25 @@ def create_optimizer(
     and divides their weight decay by s (their decay per step is unchanged; airbench's
     ``bias_scaler``). Frozen parameters (:func:`samrobust.models.is_frozen`) get no weight
     decay. The device mean needs the ``AXIS`` mapped axis: use the optimizer inside the step.
-    With ``grouped=True`` (:func:`sam_groups`) SAM takes per-group gradients.
+    With ``grouped=True`` (:func:`sam_groups`) SAM takes per-group gradients. Cheaper SAM:
+    ``config.sam_start_fraction`` (of ``total_steps``) runs plain steps before it, and
+    ``config.sam_probability`` makes each step SAM with that probability; the second pass is
+    skipped on the other steps (``lax.cond``).
     """
     parts = []
     if uses_sam(config.mode):
+        rho: Any = config.rho
+        if config.sam_start_fraction:
+            start = int(config.sam_start_fraction * total_steps)
+            rho = lambda count: jnp.where(count >= start, config.rho, 0.0)  # noqa: E731
         parts.append(
             sam(
-                config.rho,
+                rho,
                 adaptive=config.adaptive,
                 axis_name=AXIS if config.sam_sync else None,
                 grouped=grouped,
+                probability=config.sam_probability,
+                seed=config.seed,
             )
         )
     scale = config.norm_bias_lr_scale
@@ -577,7 +589,7 @@ def _train_and_evaluate(
     model = models.from_config(config, ds)
     lr_fn = learning_rate_schedule(config, total_steps)
     mesh = parallel.default_mesh()
-    tx = create_optimizer(config, lr_fn, grouped=sam_groups(config, mesh.size) > 1)
+    tx = create_optimizer(config, lr_fn, sam_groups(config, mesh.size) > 1, total_steps)
     key = jax.random.key(config.seed)
     init_key, step_key, eval_key = jax.random.split(key, 3)
     state = create_train_state(init_key, model, tx, ds.image_shape, mesh)

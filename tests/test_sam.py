@@ -496,3 +496,54 @@ def test_one_group_equals_plain_sam():
 def test_grouped_sam_refuses_a_synchronising_axis():
     with pytest.raises(ValueError, match="grouped perturbations are per device"):
         sam(0.1, grouped=True, axis_name="batch")
+
+
+# --- cheaper SAM: a radius that is 0 early, randomised SAM ------------------------------
+
+
+def _count_passes(tx, steps: int) -> tuple[list, list[bool]]:
+    """Runs ``tx`` (jitted) on the MLP problem; per step, whether the SAM pass ran (seen as
+    a different update from the plain gradient's)."""
+    params, loss = _mlp_problem()
+    grad = jax.grad(loss)
+    step = jax.jit(lambda p, s: tx.update(grad(p), s, p, grad_fn=grad))
+    state, used = tx.init(params), []
+    for _ in range(steps):
+        updates, state = step(params, state)
+        used.append(
+            max(
+                float(jnp.max(jnp.abs(u - g)))
+                for u, g in zip(
+                    jax.tree.leaves(updates), jax.tree.leaves(grad(params)), strict=True
+                )
+            )
+            > 1e-6
+        )
+    return updates, used
+
+
+def test_a_radius_schedule_that_is_zero_early_skips_sam_until_it_starts():
+    tx = sam(lambda n: jnp.where(n >= 3, 0.5, 0.0))
+    updates, used = _count_passes(tx, 6)
+    assert used == [False, False, False, True, True, True]
+    params, loss = _mlp_problem()
+    want, _ = sam(0.5).update(
+        jax.grad(loss)(params), sam(0.5).init(params), params, grad_fn=jax.grad(loss)
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), updates, want)
+    # The second pass sits under lax.cond: the jitted update has a conditional.
+    jaxpr = jax.make_jaxpr(
+        lambda p: tx.update(jax.grad(loss)(p), tx.init(p), p, grad_fn=jax.grad(loss))
+    )
+    assert "cond" in str(jaxpr(params))
+
+
+@pytest.mark.parametrize("probability,lo,hi", [(1.0, 40, 40), (0.5, 12, 28), (0.0, 0, 0)])
+def test_randomised_sam_uses_sam_on_a_fraction_of_the_steps(probability, lo, hi):
+    if probability == 0.0:
+        with pytest.raises(ValueError, match="probability"):
+            sam(0.5, probability=-0.1)
+    _, used = _count_passes(sam(0.5, probability=probability, seed=3), 40)
+    assert lo <= sum(used) <= hi
+    _, again = _count_passes(sam(0.5, probability=probability, seed=3), 40)
+    assert used == again  # the draws follow the seed and the update count

@@ -330,6 +330,8 @@ def test_grouped_sam_step_matches_per_group_two_pass_computation():
         ({"norm_bias_lr_scale": 0.0}, "config.norm_bias_lr_scale = 0.0"),
         ({"lr_triangle": (0.2, 1.5, 0.1)}, "config.lr_triangle"),
         ({"at_loss": "trades"}, "trades needs an adversarial mode"),
+        ({"sam_start_fraction": 1.0}, "config.sam_start_fraction = 1.0"),
+        ({"sam_probability": 0.0}, "config.sam_probability = 0.0"),
         ({"at_loss": "hinge"}, "config.at_loss = 'hinge'"),
     ],
 )
