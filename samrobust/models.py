@@ -142,7 +142,13 @@ def wide_resnet(
     )
 
 
-def _dirac_init(base: Callable = _conv_init) -> Callable:
+# PyTorch's default init of conv and linear weights (kaiming_uniform with a = sqrt(5)):
+# uniform with variance 1 / (3 fan_in). With BatchNorm after every conv the weights' scale
+# sets the effective learning rate, so airbench's learning rates assume this init.
+_torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _dirac_init(base: Callable = _torch_default_init) -> Callable:
     """``base`` init with the first ``in_features`` filters set to the identity (a 1 at the
     kernel's centre on their own input channel): an implicit residual at initialisation."""
 
@@ -253,8 +259,9 @@ class FastCifarNet(nn.Module):
     A 2x2 ``whiten`` conv (``2 * 3 * 2 * 2 = 24`` filters, kernel frozen: set from the data
     by :func:`whitening_kernel`, bias trained) and GELU, three conv groups of widths
     ``(w, 4w, 4w)``, a 3x3 max-pool, a bias-free linear layer scaled by 1/9. BatchNorm has
-    no learned scale (bias only), PyTorch momentum 0.6 and epsilon 1e-12; convs start as
-    identity on their first channels (dirac init).
+    no learned scale (bias only), running averages ``0.6 old + 0.4 batch`` and epsilon
+    1e-12; weights start as PyTorch's defaults, convs as identity on their first channels
+    (dirac init).
     """
 
     width: int
@@ -277,7 +284,7 @@ class FastCifarNet(nn.Module):
             nn.BatchNorm,
             use_running_average=not train,
             use_scale=False,
-            momentum=0.4,  # PyTorch's 0.6
+            momentum=0.6,  # running = 0.6 running + 0.4 batch (airbench's PyTorch 0.4)
             epsilon=1e-12,
             dtype=self.dtype,
         )
@@ -287,7 +294,10 @@ class FastCifarNet(nn.Module):
             x = _ConvGroup(w, conv, norm)(x)
         x = nn.max_pool(x, (3, 3), (3, 3))
         x = x.reshape(x.shape[0], -1)
-        x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype)(x) / 9
+        x = nn.Dense(
+            self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=_torch_default_init
+        )(x)
+        x = x / 9
         return x.astype(jnp.float32)
 
 
