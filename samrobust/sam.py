@@ -125,7 +125,8 @@ def sam(
 
     Cheaper SAM with the cost really saved: when ``rho`` is a schedule or ``probability <
     1``, the second pass runs under ``lax.cond`` only on the updates where the radius is > 0
-    and the draw says SAM, e.g. SAM in the last 30% of 1000 updates:
+    and the draw says SAM; on the others the update is the incoming gradient (the gradient
+    at ``w``), e.g. SAM in the last 30% of 1000 updates:
     ``sam(lambda n: jnp.where(n >= 700, 0.1, 0.0))``.
 
     The update call needs ``params`` and the keyword ``grad_fn(params) -> grads``, the loss
@@ -176,7 +177,10 @@ def sam(
             if probability < 1:
                 key = jax.random.fold_in(jax.random.key(seed), state.count)
                 active &= jax.random.bernoulli(key, probability)
-            sam_grads = jax.lax.cond(active, perturbed, plain)
+            try:  # eager (a concrete radius and draw): call only the branch taken
+                sam_grads = perturbed() if bool(active) else plain()
+            except jax.errors.ConcretizationTypeError:  # traced: lax.cond runs one branch
+                sam_grads = jax.lax.cond(active, perturbed, plain)
         else:
             sam_grads = perturbed()
         return sam_grads, SAMState(count=optax.safe_increment(state.count))
