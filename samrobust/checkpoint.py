@@ -88,8 +88,8 @@ def flatten_config(d: dict, prefix: str = "") -> dict:
 
 def config_mismatch(saved: dict, current: dict) -> list[str]:
     """Keys (dotted) whose values differ between two config dicts, resumable keys aside
-    (a key of :data:`ADDED_KEYS` missing from ``saved`` counts as its listed value)."""
-    a, b = ADDED_KEYS | flatten_config(saved), flatten_config(current)
+    (a key of :data:`ADDED_KEYS` missing from either counts as its listed value)."""
+    a, b = ADDED_KEYS | flatten_config(saved), ADDED_KEYS | flatten_config(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     return [
         f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)

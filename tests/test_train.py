@@ -221,6 +221,13 @@ def test_config_mismatch_names_changed_keys_but_not_resumable_ones():
     assert (
         config_mismatch(saved, digits_config(log_every_steps=7, eval_pgd_steps=3).to_dict()) == []
     )
+    # A config saved before a key existed ran with the key's listed value: it still matches
+    # a config that holds that value, on either side, and not one that holds another.
+    older = {k: v for k, v in saved.items() if k not in ("nesterov", "label_smoothing")}
+    assert config_mismatch(older, saved) == config_mismatch(saved, older) == []
+    assert config_mismatch(older, digits_config(label_smoothing=0.2).to_dict()) == [
+        "label_smoothing: checkpoint 0.0 vs now 0.2"
+    ]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
