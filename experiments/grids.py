@@ -89,28 +89,6 @@ CIFAR10_CPU_SCALE = (
 )
 
 
-def cifar10_cpu_methods() -> list[RunSpec]:
-    """SGD; SAM rho 0.05-0.4; Linf AT 2/255 (step 1/255) and 8/255 (step 2/255); L2 AT 32/255
-    (step 16/255); every AT with PGD-5."""
-
-    def run(name: str, mode: str, *overrides: tuple[str, Any]) -> RunSpec:
-        return RunSpec(name, mode, (*CIFAR10_CPU_SCALE, *overrides))
-
-    def at(norm: str, eps: int, step: int) -> RunSpec:
-        return run(
-            f"at_{norm}_eps{eps}",
-            "at",
-            ("attack.norm", norm),
-            ("attack.eps", eps / 255),
-            ("attack.step_size", step / 255),
-            ("attack.steps", 5),
-        )
-
-    runs = [run("sgd", "sgd")]
-    runs += [run(f"sam_rho{rho:g}", "sam", ("rho", rho)) for rho in (0.05, 0.1, 0.2, 0.4)]
-    return runs + [at("linf", 2, 1), at("linf", 8, 2), at("l2", 32, 16)]
-
-
 # cifar10_fast: the fast recipe (`configs/<mode>.py:fast`: fast_cifar at width 32, 10
 # epochs of all 50,000 train images, batch 512, label smoothing 0.2, SAM perturbing per 128
 # examples) on the CIFAR-10 JPEG copy; the paper suite (PGD-10) on all 10,000 test images.
@@ -124,16 +102,22 @@ CIFAR10_FAST_SCALE = (
     ("checkpoint_every_steps", 97),
     ("keep_checkpoints", 1),
 )
-FAST_SAM_RHOS = (0.05, 0.1, 0.2, 0.4)
-FAST_AT_STEPS = 5  # the paper's PGD-5
 
 
-def cifar10_fast_methods() -> list[RunSpec]:
-    """SGD and SAM rho 0.05-0.4 (3 seeds); Linf AT 2/255 (step 1/255) and 8/255 (step
-    2/255), L2 AT 32/255 (step 16/255), PGD-``FAST_AT_STEPS`` (2 seeds)."""
+def cpu_grid_methods(
+    scale: tuple[tuple[str, Any], ...],
+    config_arg: str | None = None,
+    sgd_sam_seeds: int | None = None,
+    at_seeds: int | None = None,
+) -> list[RunSpec]:
+    """The CPU grids' methods: SGD; SAM rho 0.05-0.4; Linf AT 2/255 (step 1/255) and 8/255
+    (step 2/255); L2 AT 32/255 (step 16/255); every AT with PGD-5 (the paper's code). The
+    seeds cap the runs of SGD/SAM and of AT (None: as many as the sweep asks)."""
 
-    def run(name: str, mode: str, *overrides: tuple[str, Any], seeds: int = 3) -> RunSpec:
-        return RunSpec(name, mode, (*CIFAR10_FAST_SCALE, *overrides), "fast", seeds)
+    def run(
+        name: str, mode: str, *overrides: tuple[str, Any], seeds: int | None = sgd_sam_seeds
+    ) -> RunSpec:
+        return RunSpec(name, mode, (*scale, *overrides), config_arg, seeds)
 
     def at(norm: str, eps: int, step: int) -> RunSpec:
         return run(
@@ -142,12 +126,12 @@ def cifar10_fast_methods() -> list[RunSpec]:
             ("attack.norm", norm),
             ("attack.eps", eps / 255),
             ("attack.step_size", step / 255),
-            ("attack.steps", FAST_AT_STEPS),
-            seeds=2,
+            ("attack.steps", 5),
+            seeds=at_seeds,
         )
 
     runs = [run("sgd", "sgd")]
-    runs += [run(f"sam_rho{rho:g}", "sam", ("rho", rho)) for rho in FAST_SAM_RHOS]
+    runs += [run(f"sam_rho{rho:g}", "sam", ("rho", rho)) for rho in (0.05, 0.1, 0.2, 0.4)]
     return runs + [at("linf", 2, 1), at("linf", 8, 2), at("l2", 32, 16)]
 
 
@@ -203,8 +187,8 @@ GRIDS: dict[str, list[RunSpec]] = {
     "paper_cifar10": paper_methods((("dataset", "cifar10"),)),
     "paper_cifar100": paper_methods((("dataset", "cifar100"),)),
     "digits": paper_methods(DIGITS_SCALE, "digits"),
-    "cifar10_cpu": cifar10_cpu_methods(),
-    "cifar10_fast": cifar10_fast_methods(),
+    "cifar10_cpu": cpu_grid_methods(CIFAR10_CPU_SCALE),
+    "cifar10_fast": cpu_grid_methods(CIFAR10_FAST_SCALE, "fast", sgd_sam_seeds=3, at_seeds=2),
     "smoke": [
         RunSpec("sgd", "sgd", SMOKE_SCALE, "digits"),
         RunSpec("sam_rho0.05", "sam", (*SMOKE_SCALE, ("rho", 0.05)), "digits"),

@@ -186,3 +186,14 @@ def extract_slice(archive: str, root, per_class: dict[str, int]) -> None:
                 taken[split, cls] = taken.get((split, cls), 0) + 1
                 (root / split / cls).mkdir(parents=True, exist_ok=True)
                 (root / split / cls / name).write_bytes(tar.extractfile(member).read())
+
+
+def train_on_cifar10_slice(tmp_path, config: str, *overrides: str) -> dict:
+    """``samrobust.main --config=CONFIG`` on 100 train and 20 test images per class of the
+    shared CIFAR-10 JPEG copy (``CIFAR10_JPEG``), extracted under ``tmp_path``; its results."""
+    root = tmp_path / "cifar10_slice"
+    extract_slice(CIFAR10_JPEG, root, {"train": 100, "test": 20})
+    workdir = str(tmp_path / "run")
+    data = ["--config.dataset=image_folder", f"--config.data_dir={root}"]
+    run_main(config, workdir, *data, f"--config.cache_dir={tmp_path / 'cache'}", *overrides)
+    return read_results(workdir)

@@ -16,12 +16,10 @@ from samrobust import input_pipeline
 from tests.helpers import (
     CIFAR10_JPEG,
     REPO,
-    extract_slice,
     image,
-    read_results,
-    run_main,
     run_module,
     seed_of,
+    train_on_cifar10_slice,
     write_folder,
 )
 
@@ -303,15 +301,9 @@ def test_the_evaluation_subset_of_a_class_sorted_folder_covers_every_class(tmp_p
 @pytest.mark.skipif(not os.path.exists(CIFAR10_JPEG), reason="../shared/data not beside the repo")
 def test_training_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
     """1,000 train and 200 test images of the shared CIFAR-10 JPEG copy, width 8, 20 epochs."""
-    root = tmp_path / "cifar10_slice"
-    extract_slice(CIFAR10_JPEG, root, {"train": 100, "test": 20})
-    workdir = str(tmp_path / "run")
-    run_main(
+    results = train_on_cifar10_slice(
+        tmp_path,
         "configs/sgd.py",
-        workdir,
-        "--config.dataset=image_folder",
-        f"--config.data_dir={root}",
-        f"--config.cache_dir={tmp_path / 'cache'}",
         "--config.width=8",
         "--config.num_epochs=20",
         "--config.batch_size=64",
@@ -319,7 +311,6 @@ def test_training_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
         "--config.eval_pgd_steps=1",
         "--config.log_every_steps=100",
     )
-    results = read_results(workdir)
     assert results["dataset"] == "image_folder" and results["train_examples"] == 1000
     assert results["test_examples"] == 200
     assert results["accuracy"]["clean"] > 0.25, results["accuracy"]  # chance: 0.10

@@ -14,7 +14,6 @@ from tests.helpers import (
     CIFAR10_JPEG,
     REPO,
     TINY,
-    extract_slice,
     load_checkpoint,
     main_command,
     read_results,
@@ -22,6 +21,7 @@ from tests.helpers import (
     run_module,
     run_two_processes,
     subprocess_env,
+    train_on_cifar10_slice,
 )
 
 MODES = ("sgd", "sam", "at", "sam_at")
@@ -207,15 +207,9 @@ def test_fast_sam_recipe_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
     """``configs/sam.py:fast`` (fast_cifar, whitening init, label smoothing, Nesterov,
     triangle schedule, SAM per group of 50) on 1,000 train and 200 test images of the
     shared CIFAR-10 JPEG copy, width 16, 15 epochs."""
-    root = tmp_path / "cifar10_slice"
-    extract_slice(CIFAR10_JPEG, root, {"train": 100, "test": 20})
-    workdir = str(tmp_path / "run")
-    run_main(
+    results = train_on_cifar10_slice(
+        tmp_path,
         "configs/sam.py:fast",
-        workdir,
-        "--config.dataset=image_folder",
-        f"--config.data_dir={root}",
-        f"--config.cache_dir={tmp_path / 'cache'}",
         "--config.width=16",
         "--config.num_epochs=15",
         "--config.batch_size=100",
@@ -223,6 +217,5 @@ def test_fast_sam_recipe_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
         "--config.eval_batch_size=100",
         "--config.eval_pgd_steps=1",
     )
-    results = read_results(workdir)
     assert results["mode"] == "sam" and results["train_examples"] == 1000
     assert results["accuracy"]["clean"] > 0.3, results["accuracy"]  # chance: 0.10
