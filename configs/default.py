@@ -105,10 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval_batch_size = 120
     elif arg == "fast":
         # The fast CIFAR-10 recipe (airbench94's network and optimiser, written from its
-        # description; docs/results.md has the accuracy-vs-minutes curve): no test-time
-        # augmentation and no lookahead. Batch 512; learning rate and weight decay are
-        # airbench's per-example values for a mean loss (lr 11.5 / (1024 (1 + 1/(1 -
-        # 0.85))) x 512, weight decay 0.0153 x 1024 / 11.5 / 1024).
+        # description; experiments/results/cifar10_fast/RECIPE.md has what it reached on the
+        # CPU): no test-time augmentation and no lookahead. Batch 512; learning rate and
+        # weight decay are airbench's per-example values for a mean loss (lr 11.5 / (1024
+        # (1 + 1/(1 - 0.85))) x 512, weight decay 0.0153 x 1024 / 11.5 / 1024).
         config.model = "fast_cifar"
         config.width = 32
         config.num_epochs = 10

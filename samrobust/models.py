@@ -222,12 +222,17 @@ def is_norm_bias(path: Sequence[Any]) -> bool:
     return len(keys) >= 2 and keys[-1] == "bias" and keys[-2].startswith("BatchNorm")
 
 
+def has_data_init(params: Any) -> bool:
+    """Whether a model's ``params`` have data-dependent parts (:func:`init_from_data`)."""
+    return "whiten" in params
+
+
 def init_from_data(
     params: Any, images: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> Any:
     """``params`` with the data-dependent parts set from train ``images``: the whitening
     kernel of :class:`FastCifarNet` (:func:`whitening_kernel`); other models unchanged."""
-    if "whiten" not in params:
+    if not has_data_init(params):
         return params
     kernel = whitening_kernel(images, mean, std)
     return {**params, "whiten": {**params["whiten"], "kernel": jnp.asarray(kernel)}}

@@ -593,11 +593,6 @@ def _train_and_evaluate(
     key = jax.random.key(config.seed)
     init_key, step_key, eval_key = jax.random.split(key, 3)
     state = create_train_state(init_key, model, tx, ds.image_shape, mesh)
-    # Data-dependent initialisation (fast_cifar's whitening layer) from a fixed stratified
-    # subset of the train split; a resumed run restores the result below.
-    sample = input_pipeline.eval_subset(ds.train_labels, min(5000, len(ds.train_labels)))
-    params = models.init_from_data(state.params, ds.train_images[sample], ds.mean, ds.std)
-    state = state.replace(params=parallel.replicate(params, mesh))
 
     config_dict = config.to_dict()
     ckpt = Checkpointer(
@@ -612,6 +607,11 @@ def _train_and_evaluate(
     if restored is not None:
         state, extras = restored
         earlier.update(extras)
+    elif models.has_data_init(state.params):
+        # fast_cifar's whitening layer, from a fixed stratified subset of the train split.
+        sample = input_pipeline.eval_subset(ds.train_labels, min(5000, len(ds.train_labels)))
+        params = models.init_from_data(state.params, ds.train_images[sample], ds.mean, ds.std)
+        state = state.replace(params=parallel.replicate(params, mesh))
     start_step = int(state.step)
     out = paths.path(workdir)
     if is_chief:
