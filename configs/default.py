@@ -91,6 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+    # The workdir lock is a lease: taken over once its heartbeat is this old (samrobust.workdir).
+    config.lock_stale_after_s = 600.0
 
     if arg == "digits":
         config.dataset = "digits"

@@ -40,6 +40,7 @@ RESUMABLE_KEYS = frozenset(
         "eval_pgd_steps",
         "data_dir",
         "cache_dir",
+        "lock_stale_after_s",
     }
 )
 # Config keys added after runs existed, with the value that every run saved without them

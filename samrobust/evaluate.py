@@ -25,14 +25,20 @@ unrolling.
 
 AutoAttack records every finished batch in ``DIR/<report stem>_journal/``: a killed
 evaluation, run again with the same flags, continues where it stopped and ends with the same
-result; the journal is deleted once the report is written. The workdir's lock is held
-while evaluating, so a training run and an evaluation never write the same workdir.
+result; the journal is deleted once the report is written. The workdir's lock (a lease,
+taken over once its heartbeat is ``--lock_stale_after_s`` old) is held from loading the
+checkpoint to writing the report, so a training run and an evaluation never share a
+workdir; SIGTERM (a scheduler's stop) ends the evaluation with exit code 143, releasing the
+lock and keeping the journal.
 """
 
 import contextlib
 import json
 import os
+import signal
+import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import jax
 from absl import flags, logging
@@ -40,7 +46,7 @@ from absl import flags, logging
 from samrobust import attacks, errors, input_pipeline, parallel, paths, robustness
 from samrobust.autoattack import Budget
 from samrobust.errors import UserError
-from samrobust.workdir import WorkdirLock
+from samrobust.workdir import DEFAULT_STALE_AFTER_S, WorkdirLock
 
 FLAGS = flags.FLAGS
 
@@ -77,8 +83,20 @@ def _define_flags() -> None:
         "Attack iterations per loop body: PGD's fori_loop unroll (default: full on CPU) and "
         "AutoAttack's iterations per jitted call on CPU / fori_loop unroll elsewhere.",
     )
+    flags.DEFINE_float(
+        "lock_stale_after_s",
+        DEFAULT_STALE_AFTER_S,
+        "Take over the workdir's lock once its holder's heartbeat is this many seconds old.",
+    )
     parallel.define_runtime_flags()
     flags.mark_flag_as_required("workdir")
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM unwinds like an exception (releasing the lock), then exits with 143."""
+    del frame
+    logging.warning("received SIGTERM: stopping (the AutoAttack journal keeps finished batches)")
+    sys.exit(128 + signum)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -106,7 +124,18 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(  # orbax's INFO chatter
         lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
     )
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parallel.initialize_runtime()
+    robustness.run_config(FLAGS.workdir)  # a run's workdir, before the lock creates anything
+    is_chief = jax.process_index() == 0
+    lock = WorkdirLock(FLAGS.workdir, "evaluation", FLAGS.lock_stale_after_s) if is_chief else None
+    with lock or contextlib.nullcontext():  # one writer per workdir
+        _evaluate(eps, checkpoint, budget, lock)
+
+
+def _evaluate(
+    eps: float | None, checkpoint: str | int, budget: Budget, lock: WorkdirLock | None
+) -> None:
     mesh = parallel.default_mesh()
     run = robustness.load_run(
         FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
@@ -146,39 +175,38 @@ def main(argv: Sequence[str]) -> None:
         batch_size,
         mesh.size,
     )
-    lock = WorkdirLock(run.workdir, "evaluation") if jax.process_index() == 0 else None
-    with lock or contextlib.nullcontext():  # one writer per workdir
-        report = robustness.evaluate(
-            run.logits_fn,
-            run.variables,
-            images,
-            labels,
-            suite=FLAGS.suite,
-            eps=eps,
-            norm=FLAGS.norm,
-            num_classes=ds.num_classes,
-            batch_size=batch_size,
-            seed=config["seed"] if FLAGS.seed is None else FLAGS.seed,
-            mesh=mesh,
-            budget=budget,
-            journal_dir=journal_dir,
-            unroll=FLAGS.unroll,
-        )
-        report["subset"] = subset
-        report["run"] = {
-            "workdir": os.fspath(paths.path(run.workdir)),
-            "step": run.step,
-            "checkpoint": FLAGS.checkpoint,
-            "mode": config["mode"],
-            "dataset": ds.name,
-            "model": config["model"],
-            "width": config["width"],
-        }
-        if jax.process_index() == 0:
-            for path in robustness.write_report(run.workdir, report, stem):
-                logging.info("wrote %s", path)
-            if journal_dir.parent.exists():  # the report holds everything it recorded
-                journal_dir.parent.rmtree()
+    report = robustness.evaluate(
+        run.logits_fn,
+        run.variables,
+        images,
+        labels,
+        suite=FLAGS.suite,
+        eps=eps,
+        norm=FLAGS.norm,
+        num_classes=ds.num_classes,
+        batch_size=batch_size,
+        seed=config["seed"] if FLAGS.seed is None else FLAGS.seed,
+        mesh=mesh,
+        budget=budget,
+        journal_dir=journal_dir,
+        unroll=FLAGS.unroll,
+    )
+    report["subset"] = subset
+    report["run"] = {
+        "workdir": os.fspath(paths.path(run.workdir)),
+        "step": run.step,
+        "checkpoint": FLAGS.checkpoint,
+        "mode": config["mode"],
+        "dataset": ds.name,
+        "model": config["model"],
+        "width": config["width"],
+    }
+    if lock is not None:
+        lock.check()
+        for path in robustness.write_report(run.workdir, report, stem):
+            logging.info("wrote %s", path)
+        if journal_dir.parent.exists():  # the report holds everything it recorded
+            journal_dir.parent.rmtree()
     logging.info("accuracy: %s", json.dumps(report["accuracy"]))
 
 

@@ -506,6 +506,18 @@ def load_run(
     """A checkpoint (``best``, ``latest`` or a step) of the ``samrobust.main`` run in
     ``workdir`` (local or e.g. gs://), its model (from ``workdir/config.json``) and its
     dataset (``data_dir`` overrides the run's)."""
+    config = run_config(workdir)
+    step, variables = _restore(workdir, mesh or default_mesh(), checkpoint)
+    ds = input_pipeline.load(
+        config["dataset"], data_dir or config.get("data_dir"), cache_dir=config.get("cache_dir")
+    )
+    model = models.from_config(config, ds)
+    return Run(workdir, config, step, model_logits_fn(model.apply), variables, ds)
+
+
+def run_config(workdir: str) -> dict[str, Any]:
+    """The config a ``samrobust.main`` run in ``workdir`` saved; an ``EvaluationError`` if
+    ``workdir`` is not such a run."""
     path = paths.path(workdir)
     if not path.is_dir():
         raise EvaluationError(
@@ -519,13 +531,7 @@ def load_run(
             f"{config_path} not found: {workdir} is not a samrobust training run. Pass the "
             "--workdir given to samrobust.main (it holds config.json and checkpoints/)."
         )
-    config = json.loads(config_path.read_text())
-    step, variables = _restore(workdir, mesh or default_mesh(), checkpoint)
-    ds = input_pipeline.load(
-        config["dataset"], data_dir or config.get("data_dir"), cache_dir=config.get("cache_dir")
-    )
-    model = models.from_config(config, ds)
-    return Run(workdir, config, step, model_logits_fn(model.apply), variables, ds)
+    return json.loads(config_path.read_text())
 
 
 def markdown(report: dict[str, Any]) -> str:

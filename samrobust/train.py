@@ -174,6 +174,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         )
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(config[key] > 0, key, "must be > 0", "100")
+    check(config.lock_stale_after_s > 0, "lock_stale_after_s", "must be > 0 seconds", "600")
     check(
         config.train_examples == -1 or config.train_examples > 0,
         "train_examples",
@@ -555,18 +556,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise ConfigError(
             f"config.batch_size must divide by the process count {jax.process_count()}"
         )
-    lock = WorkdirLock(workdir, "training") if jax.process_index() == 0 else None
+    is_chief = jax.process_index() == 0
+    lock = WorkdirLock(workdir, "training", config.lock_stale_after_s) if is_chief else None
     preemption = Preemption()
     try:
         with lock or contextlib.nullcontext():
-            return _train_and_evaluate(config, workdir, preemption)
+            return _train_and_evaluate(config, workdir, preemption, lock)
     finally:
         preemption.close()
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, preemption: Preemption
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    preemption: Preemption,
+    lock: WorkdirLock | None,
 ) -> dict[str, Any]:
+    check_lock = lock.check if lock is not None else lambda: None
     try:
         ds = input_pipeline.load(
             config.dataset,
@@ -695,6 +701,7 @@ def _train_and_evaluate(
                     _format_seconds(eta),
                 )
         if ckpt_due:
+            check_lock()
             ckpt.save(
                 step,
                 state,
@@ -776,6 +783,7 @@ def _train_and_evaluate(
     writer.write(int(state.step), {f"eval/{k}": v for k, v in report["accuracy"].items()})
     writer.close()
     if is_chief:
+        check_lock()
         (out / "results.json").write_text(json.dumps(results, indent=2))
         robustness.save_masks(out / "eval_masks.npz", report["masks"])
     logging.info("results: %s", json.dumps(results["accuracy"]))

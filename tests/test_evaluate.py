@@ -203,6 +203,35 @@ def test_cli_errors_name_the_fix(tmp_path, run_dir):
         for message in messages:
             assert message in proc.stderr, (flags, message, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, flags
+    assert not (tmp_path / "missing").exists()  # the lock creates nothing for a bad workdir
+
+
+def test_sigterm_releases_the_lock(run_dir, tmp_path):
+    """A scheduler's SIGTERM while the evaluation holds the workdir (loading the checkpoint
+    and the data, compiling): exit code 143, no traceback, no lock left behind."""
+    import shutil
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir, workdir)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "samrobust.evaluate", f"--workdir={workdir}", "--num_examples=8"],
+        cwd=REPO,
+        env=subprocess_env(1),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(workdir, "lock.json")):
+        assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]
+        time.sleep(0.01)
+    child.send_signal(signal.SIGTERM)
+    stderr = child.communicate(timeout=120)[1]
+    assert child.returncode == 143, stderr[-3000:]
+    assert "received SIGTERM" in stderr and "Traceback" not in stderr
+    assert not os.path.exists(os.path.join(workdir, "lock.json"))
+    assert not os.path.exists(os.path.join(workdir, "eval_paper_sub8.json"))
 
 
 @pytest.mark.slow

@@ -106,9 +106,28 @@ def test_lock_is_exclusive_and_one_takeover_of_a_stale_lock_wins(gcs, caplog):
     assert "taking over the stale lock" in caplog.text
 
     other = {"host": "tpu-vm-7", "pid": 1, "started": "then", "purpose": "training"}
-    gcs.bucket(BUCKET).blob(f"lock/{LOCK_NAME}").upload_from_string(json.dumps(other))
+    gcs.bucket(BUCKET).blob(f"lock/{LOCK_NAME}").upload_from_string(
+        json.dumps({**other, "heartbeat": time.time() - 30})
+    )
     with pytest.raises(WorkdirLockedError, match=f"host tpu-vm-7 .* delete {workdir}/"):
         WorkdirLock(workdir, "training").acquire()
+
+    # A lost node: another host's lease whose heartbeat is older than the stale time.
+    gcs.bucket(BUCKET).blob(f"lock/{LOCK_NAME}").upload_from_string(
+        json.dumps({**other, "heartbeat": time.time() - 601})
+    )
+    with WorkdirLock(workdir, "evaluation", stale_after_s=0.5) as lock:  # beats every 0.05 s
+        first = json.loads(read(gcs, f"lock/{LOCK_NAME}"))
+        assert first["purpose"] == "evaluation"
+        time.sleep(0.3)  # the holder's refreshes are conditional on its own generation
+        assert json.loads(read(gcs, f"lock/{LOCK_NAME}"))["heartbeat"] > first["heartbeat"]
+        lock.check()
+        gcs.bucket(BUCKET).blob(f"lock/{LOCK_NAME}").upload_from_string(json.dumps(other))
+        time.sleep(0.3)
+        with pytest.raises(WorkdirLockedError, match="lost the lock .* host tpu-vm-7"):
+            lock.check()
+    assert "on tpu-vm-7 since then, whose last heartbeat was 601 s" in caplog.text
+    assert json.loads(read(gcs, f"lock/{LOCK_NAME}")) == other  # not its own: kept
 
 
 def test_missing_bucket_and_unsupported_schemes_are_user_errors(gcs):

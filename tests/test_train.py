@@ -340,6 +340,7 @@ def test_grouped_sam_step_matches_per_group_two_pass_computation():
         ({"sam_start_fraction": 1.0}, "config.sam_start_fraction = 1.0"),
         ({"sam_probability": 0.0}, "config.sam_probability = 0.0"),
         ({"at_loss": "hinge"}, "config.at_loss = 'hinge'"),
+        ({"lock_stale_after_s": 0.0}, "config.lock_stale_after_s = 0.0"),
     ],
 )
 def test_invalid_recipe_fields_are_config_errors(overrides, message):
