@@ -5,7 +5,7 @@
   python -m experiments.bench --model=fast_cifar --recipe=fast --width=32 --batch=512 \
       --modes=sgd,sam,at --pgd_steps=5 --sections=train
 
-Times the train step that ``samrobust.main`` uses (``train.make_train_step``, all devices)
+Times the train step that ``samrobust.main`` uses (``make_train_step``, all devices)
 on synthetic in-memory CIFAR-shaped data: images/s, step time, compile time, peak memory
 and model FLOPs utilisation (GPU), with the SAM/SGD and AT/SGD step-time ratios against
 their targets (2.05x and 1.05*(k+1)x). Also times PGD-k (fori_loop rolled vs the default
@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default as default_config
-from samrobust import attacks, input_pipeline, models, parallel, robustness, train
+from samrobust import attacks, input_pipeline, models, optim, parallel, robustness
 from samrobust.autoattack.apgd import stage as apgd_stage
 from samrobust.autoattack.fab import stage as fab_stage
 from samrobust.autoattack.square import stage as square_stage
+from samrobust.step import create_train_state, make_train_step, sam_groups, step_options
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -116,10 +117,10 @@ def train_setup(args, mode: str):
     config.attack.steps = args.pgd_steps
     mesh = parallel.default_mesh()
     model = bench_model(args)
-    grouped = train.sam_groups(config, mesh.size) > 1
-    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1000), grouped)
-    state = train.create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
-    step = train.make_train_step(model.apply, tx, train.step_options(config), mesh)
+    grouped = sam_groups(config, mesh.size) > 1
+    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 1000), grouped)
+    state = create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
+    step = make_train_step(model.apply, tx, step_options(config), mesh)
     rng = np.random.default_rng(0)
     images, labels = parallel.shard_batch(
         mesh,

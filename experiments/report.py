@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from samrobust import paths, robustness
+from samrobust import paths, reports
 from samrobust.autoattack import Budget
+from samrobust.runs import parse_checkpoint
 
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
 # Settings that do not change what a run measures: not part of a group's identity.
@@ -99,13 +100,13 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
     for f in sorted(workdir.iterdir()):
         if f.name.startswith("eval_") and f.name.endswith(".json"):
             report = read_json(f)
-            checkpoint = robustness.parse_checkpoint(report["run"]["checkpoint"])
+            checkpoint = parse_checkpoint(report["run"]["checkpoint"])
             budget = report.get("autoattack", {}).get("budget")
             suite = (
                 report["suite"]
-                + (robustness.budget_suffix(Budget(**budget)) if budget else "")
-                + robustness.subset_suffix(report.get("subset"))
-                + robustness.checkpoint_suffix(checkpoint)
+                + (reports.budget_suffix(Budget(**budget)) if budget else "")
+                + reports.subset_suffix(report.get("subset"))
+                + reports.checkpoint_suffix(checkpoint)
             )
             metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
     return {

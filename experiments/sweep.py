@@ -138,7 +138,7 @@ def build_config(command: Sequence[str]) -> ml_collections.ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
-    from samrobust import train
+    from samrobust import config_check
 
     argv = [  # config files are relative to the repository root, as in the subprocess
         f"--config={os.path.join(REPO, a.split('=', 1)[1])}" if a.startswith("--config=") else a
@@ -152,7 +152,7 @@ def build_config(command: Sequence[str]) -> ml_collections.ConfigDict:
     try:
         flag_values(argv)
         config = flag_values.config
-        train.validate_config(config, num_devices=1)
+        config_check.validate_config(config, num_devices=1)
     except (KeyError, AttributeError) as e:  # ConfigDict's error for an unknown key
         raise ValueError(f"{run_name(command)}: {errors.unknown_key_message(e, argv)}") from e
     except (flags.Error, ValueError) as e:
@@ -240,11 +240,11 @@ def eval_stem(suite: str, flags: Sequence[str]) -> str:
     """The report stem ``samrobust.evaluate --suite=SUITE FLAGS`` writes, e.g.
     ``eval_autoattack_linf_2_255_sub1000`` (ValueError for a bad --eps, --checkpoint, budget or
     --num_examples)."""
-    from samrobust import attacks, robustness
+    from samrobust import attacks, reports, runs
     from samrobust.autoattack import Budget
 
     opts = dict(f.removeprefix("--").partition("=")[::2] for f in flags)
-    checkpoint = robustness.parse_checkpoint(opts.get("checkpoint", "latest"))
+    checkpoint = runs.parse_checkpoint(opts.get("checkpoint", "latest"))
     eps = attacks.parse_eps(opts["eps"]) if opts.get("eps") else None
     budget_opts = {k: opts[k] for k in ("n_iter", "n_target_classes", "n_queries") if k in opts}
     for k, v in budget_opts.items():
@@ -254,7 +254,7 @@ def eval_stem(suite: str, flags: Sequence[str]) -> str:
     num_examples = opts.get("num_examples", "-1")
     if not num_examples.lstrip("-").isdigit():
         raise ValueError(f"--num_examples={num_examples}: expected a whole number, e.g. 1000")
-    return robustness.report_stem(
+    return reports.report_stem(
         suite, checkpoint, opts.get("norm") or None, eps, budget, int(num_examples)
     )
 

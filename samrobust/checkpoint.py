@@ -7,16 +7,14 @@ logging, checkpointing and evaluation settings may change between resumptions.
 
 Resuming falls back past damaged checkpoints: the newest readable one is used, each damaged
 one is moved aside to ``damaged-<step>-<time>`` (kept, never deleted) with a warning, so
-that training can save that step again. :class:`Preemption` turns SIGTERM/SIGINT into a
-checkpoint at the current step and a clean exit (code ``128 + signal``).
+that training can save that step again. (Stopping on a signal is
+:mod:`samrobust.preemption`'s.)
 
 A run keeps two kinds: the latest ``keep_checkpoints`` in ``WORKDIR/checkpoints`` and, when
 it evaluates during training, the best one by validation robust accuracy in
 ``WORKDIR/checkpoints_best`` (orbax's ``best_fn``; a tie goes to the later step).
 """
 
-import signal
-import threading
 import time
 from typing import Any
 
@@ -295,60 +293,3 @@ def read_state(
                 str(e).splitlines()[0] if str(e) else "",
             )
     return None
-
-
-class Preemption:
-    """SIGTERM (how schedulers and spot/TPU preemption stop jobs) and SIGINT become a stop
-    at the next step boundary: call :meth:`reached` once per step.
-
-    Single process: the signal sets a flag. Several processes: JAX's preemption service
-    (``jax.distributed``) catches SIGTERM and :meth:`reached` is true at the same step on
-    all of them (``multihost_utils.reached_preemption_sync_point``); SIGINT keeps its usual
-    meaning there. A second SIGINT stops at once (KeyboardInterrupt).
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.multi = jax.process_count() > 1
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        for signum in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logging.warning(
-            "received %s: stopping after this step with a checkpoint", signal.Signals(signum).name
-        )
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop at ``step``."""
-        if self.multi:
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.signum = self.signum or signal.SIGTERM
-                return True
-            return False
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        """``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as shells report it."""
-        return 128 + (self.signum or signal.SIGTERM)
-
-    def close(self) -> None:
-        """Puts the previous signal handlers back."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-
-class PreemptedError(Exception):
-    """Training stopped on a signal after saving a checkpoint; ``exit_code`` is the code."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code

@@ -35,15 +35,22 @@ lock and keeping the journal.
 import contextlib
 import json
 import os
-import signal
-import sys
 from collections.abc import Sequence
-from types import FrameType
 
 import jax
 from absl import flags, logging
 
-from samrobust import attacks, errors, input_pipeline, parallel, paths, robustness
+from samrobust import (
+    attacks,
+    errors,
+    input_pipeline,
+    parallel,
+    paths,
+    preemption,
+    reports,
+    robustness,
+    runs,
+)
 from samrobust.autoattack import Budget
 from samrobust.errors import UserError
 from samrobust.workdir import DEFAULT_STALE_AFTER_S, WorkdirLock
@@ -92,27 +99,15 @@ def _define_flags() -> None:
     flags.mark_flag_as_required("workdir")
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like an exception (releasing the lock), then exits with 143."""
-    del frame
-    logging.warning("received SIGTERM: stopping (the AutoAttack journal keeps finished batches)")
-    sys.exit(128 + signum)
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-    if FLAGS.suite == "paper" and (FLAGS.eps is not None or FLAGS.norm is not None):
-        raise UserError(
-            "--eps and --norm set the AutoAttack budget: use them with "
-            "--suite=autoattack or --suite=full"
-        )
     try:
         eps = None if FLAGS.eps is None else attacks.parse_eps(FLAGS.eps)
     except ValueError as e:
         raise UserError(f"--eps: {e}") from None
     try:
-        checkpoint = robustness.parse_checkpoint(FLAGS.checkpoint)
+        checkpoint = runs.parse_checkpoint(FLAGS.checkpoint)
     except ValueError as e:
         raise UserError(f"--checkpoint: {e}") from None
     try:
@@ -124,41 +119,43 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(  # orbax's INFO chatter
         lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
     )
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    preemption.exit_on_sigterm()  # the journal keeps finished batches
     parallel.initialize_runtime()
-    robustness.run_config(FLAGS.workdir)  # a run's workdir, before the lock creates anything
+    mesh = parallel.default_mesh()
+    config = runs.run_config(FLAGS.workdir)  # a run's workdir, before the lock creates anything
+    batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
+    try:  # the library's checks, as user errors
+        aa_eps, aa_norm = robustness.check_settings(
+            FLAGS.suite, eps, FLAGS.norm, batch_size, mesh.size
+        )
+    except ValueError as e:
+        raise UserError(f"--suite={FLAGS.suite} --eps/--norm/--batch_size: {e}") from None
+    if aa_eps is not None and eps is None:
+        logging.info(
+            "AutoAttack radius: %s %s (the default%s; set it with --eps)",
+            aa_norm,
+            attacks.format_eps(aa_eps),
+            ", CIFAR's budget: digits has no standard one" if config["dataset"] == "digits" else "",
+        )
     is_chief = jax.process_index() == 0
     lock = WorkdirLock(FLAGS.workdir, "evaluation", FLAGS.lock_stale_after_s) if is_chief else None
     with lock or contextlib.nullcontext():  # one writer per workdir
-        _evaluate(eps, checkpoint, budget, lock)
+        _evaluate(mesh, aa_eps, aa_norm, batch_size, checkpoint, budget, lock)
 
 
 def _evaluate(
-    eps: float | None, checkpoint: str | int, budget: Budget, lock: WorkdirLock | None
+    mesh: jax.sharding.Mesh,
+    eps: float | None,
+    norm: str | None,
+    batch_size: int,
+    checkpoint: str | int,
+    budget: Budget,
+    lock: WorkdirLock | None,
 ) -> None:
-    mesh = parallel.default_mesh()
-    run = robustness.load_run(
-        FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
-    )
+    run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint)
     config, ds = run.config, run.dataset
-    batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
-    if batch_size <= 0 or batch_size % mesh.size:
-        raise UserError(
-            f"batch size {batch_size} is not a positive multiple of the device count "
-            f"{mesh.size}: pass e.g. --batch_size={mesh.size * max(1, batch_size // mesh.size)}"
-        )
     images, labels, subset = input_pipeline.evaluation_points(ds, FLAGS.num_examples)
-    if FLAGS.suite != "paper" and eps is None:
-        eps = robustness.DEFAULT_EPS[FLAGS.norm or "linf"]
-        logging.info(
-            "AutoAttack radius: %s %s (the default%s; set it with --eps)",
-            FLAGS.norm or "linf",
-            attacks.format_eps(eps),
-            ", CIFAR's budget: digits has no standard one" if ds.name == "digits" else "",
-        )
-    stem = robustness.report_stem(
-        FLAGS.suite, checkpoint, FLAGS.norm, eps, budget, FLAGS.num_examples
-    )
+    stem = reports.report_stem(FLAGS.suite, checkpoint, norm, eps, budget, FLAGS.num_examples)
     journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
     logging.info(
         "Evaluating %s step %d (%s, %s width %d) on %d %s test examples (%s): %s suite, "
@@ -182,7 +179,7 @@ def _evaluate(
         labels,
         suite=FLAGS.suite,
         eps=eps,
-        norm=FLAGS.norm,
+        norm=norm,
         num_classes=ds.num_classes,
         batch_size=batch_size,
         seed=config["seed"] if FLAGS.seed is None else FLAGS.seed,
@@ -203,7 +200,7 @@ def _evaluate(
     }
     if lock is not None:
         lock.check()
-        for path in robustness.write_report(run.workdir, report, stem):
+        for path in reports.write_report(run.workdir, report, stem):
             logging.info("wrote %s", path)
         if journal_dir.parent.exists():  # the report holds everything it recorded
             journal_dir.parent.rmtree()

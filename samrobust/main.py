@@ -17,7 +17,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from samrobust import errors, parallel, train
-from samrobust.checkpoint import PreemptedError
+from samrobust.preemption import PreemptedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)

@@ -2,8 +2,8 @@
 
 TensorBoard event files are written here directly (TFRecord framing of tensorboard's own
 ``Event`` protos) so that logging never imports tensorflow. Only process 0 writes. The
-workdir may be ``gs://``: both files are then objects rewritten whole at every flush (one
-per logged step), see :func:`samrobust.paths.open_append`.
+workdir may be ``gs://``: each flush (one per logged step) then uploads only the new bytes
+of both files, composed into the objects on the server (:func:`samrobust.paths.open_append`).
 """
 
 import json

@@ -1,5 +1,5 @@
 """Robustness evaluation, the library: clean accuracy, PGD and AutoAttack of any
-``apply_fn`` + variables, and of a training run's checkpoints.
+``logits_fn`` + variables (a training run's checkpoints through :mod:`samrobust.runs`).
 
 Suites (test inputs in ``[0, 1]``, model in eval mode, every attack data parallel over all
 devices, per-example masks kept so that runs can be compared point by point):
@@ -27,17 +27,16 @@ Python, on any model::
                     suite="autoattack", eps=8 / 255, norm="linf")
   report["accuracy"]  # {"clean": ..., "autoattack_linf_8/255": ...}
 
-:func:`load_run` restores a training run (``samrobust.main``) for it; ``python -m
-samrobust.evaluate`` is the command line.
+:func:`samrobust.runs.load_run` restores a training run (``samrobust.main``) for it,
+:mod:`samrobust.reports` names and writes reports, and ``python -m samrobust.evaluate`` is
+the command line.
 """
 
 import dataclasses
 import functools
 import hashlib
-import io
-import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -45,14 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, models, parallel, paths
+from samrobust import attacks, input_pipeline, parallel
 from samrobust import autoattack as aa
 from samrobust.attacks import PGDSpec, format_eps
-from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
-from samrobust.errors import UserError
 from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -273,6 +270,30 @@ def journal_settings(images: np.ndarray, labels: np.ndarray, **settings: Any) ->
 # --------------------------------------------------------------------------------------------
 
 
+def check_settings(
+    suite: str, eps: float | None, norm: str | None, batch_size: int, num_devices: int
+) -> tuple[float | None, str | None]:
+    """``(eps, norm)`` of AutoAttack (the defaults filled in: Linf, :data:`DEFAULT_EPS`;
+    ``(None, None)`` for the paper suite) for :func:`evaluate`'s settings; a ``ValueError``
+    naming what is wrong."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {SUITES}")
+    if suite == "paper" and (eps is not None or norm is not None):
+        raise ValueError(
+            "eps and norm set the AutoAttack budget: use them with the autoattack or full suite"
+        )
+    norm = norm or "linf"
+    attacks.check_norm(norm)
+    if batch_size <= 0 or batch_size % num_devices:
+        raise ValueError(
+            f"batch size {batch_size} must be a positive multiple of the device count "
+            f"{num_devices} (e.g. {num_devices * max(1, batch_size // num_devices)})"
+        )
+    if suite == "paper":
+        return None, None
+    return (DEFAULT_EPS[norm] if eps is None else eps), norm
+
+
 def evaluate(
     logits_fn: ApplyFn,
     variables: Any,
@@ -303,18 +324,8 @@ def evaluate(
     after each of its attacks, as ``<name>/<attack>``), ``autoattack`` (details, unless
     ``paper``), ``warnings``, and the settings.
     """
-    if suite not in SUITES:
-        raise ValueError(f"Unknown suite {suite!r}; choose one of {SUITES}")
-    if suite == "paper" and (eps is not None or norm is not None):
-        raise ValueError("eps and norm set the AutoAttack budget: use suite='autoattack' or 'full'")
-    norm = norm or "linf"
-    attacks.check_norm(norm)
-    eps = DEFAULT_EPS[norm] if eps is None else eps
     mesh = mesh or default_mesh()
-    if batch_size <= 0 or batch_size % mesh.size:
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of the device count {mesh.size}"
-        )
+    eps, norm = check_settings(suite, eps, norm, batch_size, mesh.size)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
     if not len(images) or len(images) != len(labels):
@@ -350,14 +361,12 @@ def evaluate(
         "attacks": {"clean": {"attack": "none"}} | {s.name: s.describe() for s in specs},
         "masks": pgd["masks"],
     }
-    warnings = []
-    result = None
+    warnings, result = [], None
     if suite != "paper":
-        budget_dict = dataclasses.asdict(budget)
         journal = None
         if journal_dir is not None:
             settings = journal_settings(
-                images, labels, eps=eps, norm=norm, seed=seed, **budget_dict
+                images, labels, eps=eps, norm=norm, seed=seed, **dataclasses.asdict(budget)
             )
             journal = aa.Journal(journal_dir, settings)
         result = autoattack_suite(
@@ -374,46 +383,7 @@ def evaluate(
             unroll=unroll,
             journal=journal,
         )
-        name = autoattack_name(norm, eps)
-        total_s = sum(result.seconds.values())
-        report["accuracy"][name] = result.robust_accuracy
-        report["images_per_s"][name] = len(images) / total_s if total_s else None
-        report["attacks"][name] = {
-            "attack": "AutoAttack",
-            "version": "standard",
-            "norm": norm,
-            "eps": eps,
-            **budget_dict,
-        }
-        report["masks"][name] = result.robust
-        report["masks"].update({f"{name}/{k}": v for k, v in result.stages.items()})
-        report["autoattack"] = {
-            "name": name,
-            "stages": {k: float(v.mean()) for k, v in result.stages.items()},
-            "max_perturbation": result.max_perturbation,
-            "images_per_s": {
-                k: result.attacked[k] / s if result.attacked[k] and s else None
-                for k, s in result.seconds.items()
-            },
-            "seconds": result.seconds,
-            "attacked": result.attacked,
-            "rejected": result.rejected,
-            "resumed_batches": result.resumed,
-            "budget": budget_dict,
-        }
-        if journal is not None:
-            report["autoattack"]["journal"] = str(journal.path)
-        if not budget.standard:
-            warnings.append(
-                f"reduced AutoAttack budget {budget_dict} (standard: "
-                f"{dataclasses.asdict(aa.STANDARD_BUDGET)}): not the standard protocol; the robust "
-                "accuracy may be over-estimated"
-            )
-        if sum(result.rejected.values()):
-            warnings.append(
-                f"attacks returned misclassified points outside the eps-ball or "
-                f"[0, 1], rejected: {result.rejected}"
-            )
+        warnings += _add_autoattack(report, result, eps, norm, budget, journal)
     pgd_acc = [report["accuracy"][s.name] for s in specs]
     warnings += aa.sanity_checks(
         jax.tree_util.Partial(logits_fn, variables),
@@ -431,158 +401,58 @@ def evaluate(
     return report
 
 
-# --------------------------------------------------------------------------------------------
-# Training runs and reports
-# --------------------------------------------------------------------------------------------
-
-
-class EvaluationError(UserError, RuntimeError):
-    """A workdir cannot be evaluated; the message names the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A training run's checkpoint, ready to evaluate."""
-
-    workdir: str
-    config: dict[str, Any]
-    step: int
-    logits_fn: ApplyFn
-    variables: Any
-    dataset: input_pipeline.Dataset
-
-
-def parse_checkpoint(text: str) -> str | int:
-    """``best``, ``latest`` or a step number, as ``--checkpoint`` takes it."""
-    if text in ("best", "latest"):
-        return text
-    if text.isdigit():
-        return int(text)
-    raise ValueError(f"{text!r} is not best, latest or a step number (e.g. --checkpoint=best)")
-
-
-def _restore(workdir: str, mesh: Mesh, checkpoint: str | int) -> tuple[int, dict[str, Any]]:
-    """(step, ``{"params", "batch_stats"}``) of checkpoint ``best``, ``latest`` or a step,
-    replicated on ``mesh``."""
-    kind = "best" if checkpoint == "best" else "latest"
-    directory = checkpoint_dir(workdir, kind)
-    if kind == "best":
-        missing = EvaluationError(
-            f"No best checkpoint in {directory}: the run did not evaluate during training. "
-            "Train with --config.eval_every_epochs=N (and --config.val_examples=M), or pass "
-            "--checkpoint=latest."
+def _add_autoattack(
+    report: dict[str, Any],
+    result: aa.AutoAttackResult,
+    eps: float,
+    norm: str,
+    budget: aa.Budget,
+    journal: aa.Journal | None,
+) -> list[str]:
+    """Adds AutoAttack's accuracy, masks and details to ``report``; its warnings."""
+    name = autoattack_name(norm, eps)
+    budget_dict = dataclasses.asdict(budget)
+    total_s = sum(result.seconds.values())
+    report["accuracy"][name] = result.robust_accuracy
+    report["images_per_s"][name] = report["num_examples"] / total_s if total_s else None
+    report["attacks"][name] = {
+        "attack": "AutoAttack",
+        "version": "standard",
+        "norm": norm,
+        "eps": eps,
+        **budget_dict,
+    }
+    report["masks"][name] = result.robust
+    report["masks"].update({f"{name}/{k}": v for k, v in result.stages.items()})
+    report["autoattack"] = {
+        "name": name,
+        "stages": {k: float(v.mean()) for k, v in result.stages.items()},
+        "max_perturbation": result.max_perturbation,
+        "images_per_s": {
+            k: result.attacked[k] / s if result.attacked[k] and s else None
+            for k, s in result.seconds.items()
+        },
+        "seconds": result.seconds,
+        "attacked": result.attacked,
+        "rejected": result.rejected,
+        "resumed_batches": result.resumed,
+        "budget": budget_dict,
+    }
+    if journal is not None:
+        report["autoattack"]["journal"] = str(journal.path)
+    warnings = []
+    if not budget.standard:
+        warnings.append(
+            f"reduced AutoAttack budget {budget_dict} (standard: "
+            f"{dataclasses.asdict(aa.STANDARD_BUDGET)}): not the standard protocol; the robust "
+            "accuracy may be over-estimated"
         )
-    else:
-        missing = EvaluationError(
-            f"No checkpoint in {directory}: the run has not saved one yet. Train (or resume) "
-            f"it until it saves one, e.g. python -m samrobust.main "
-            f"--config=configs/sam.py:digits --workdir={workdir} (checkpoints every "
-            "--config.checkpoint_every_steps steps and at the end)."
+    if sum(result.rejected.values()):
+        warnings.append(
+            f"attacks returned misclassified points outside the eps-ball or "
+            f"[0, 1], rejected: {result.rejected}"
         )
-    step = checkpoint if isinstance(checkpoint, int) else None
-    try:
-        found = read_state(workdir, NamedSharding(mesh, P()), step, kind)
-    except FileNotFoundError as e:
-        raise EvaluationError(f"--checkpoint={checkpoint}: {e}") from e
-    except Exception as e:  # orbax raises many types for damaged files
-        raise CheckpointError(
-            f"The {checkpoint} checkpoint in {directory} is unreadable ({type(e).__name__}: "
-            f"{e}). Delete that step's directory to evaluate the previous checkpoint, or "
-            "train again."
-        ) from e
-    if found is None:
-        raise missing
-    step, state = found
-    return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
-
-
-def load_run(
-    workdir: str,
-    *,
-    data_dir: str | None = None,
-    mesh: Mesh | None = None,
-    checkpoint: str | int = "latest",
-) -> Run:
-    """A checkpoint (``best``, ``latest`` or a step) of the ``samrobust.main`` run in
-    ``workdir`` (local or e.g. gs://), its model (from ``workdir/config.json``) and its
-    dataset (``data_dir`` overrides the run's)."""
-    config = run_config(workdir)
-    step, variables = _restore(workdir, mesh or default_mesh(), checkpoint)
-    ds = input_pipeline.load(
-        config["dataset"], data_dir or config.get("data_dir"), cache_dir=config.get("cache_dir")
-    )
-    model = models.from_config(config, ds)
-    return Run(workdir, config, step, model_logits_fn(model.apply), variables, ds)
-
-
-def run_config(workdir: str) -> dict[str, Any]:
-    """The config a ``samrobust.main`` run in ``workdir`` saved; an ``EvaluationError`` if
-    ``workdir`` is not such a run."""
-    path = paths.path(workdir)
-    if not path.is_dir():
-        raise EvaluationError(
-            f"--workdir={workdir} does not exist. Pass the --workdir of a training run, or "
-            f"train one: python -m samrobust.main --config=configs/sam.py:digits "
-            f"--workdir={workdir}"
-        )
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise EvaluationError(
-            f"{config_path} not found: {workdir} is not a samrobust training run. Pass the "
-            "--workdir given to samrobust.main (it holds config.json and checkpoints/)."
-        )
-    return json.loads(config_path.read_text())
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown table, with the run, the AutoAttack details and warnings."""
-    lines = [f"# Robustness evaluation: `{report['suite']}` suite", ""]
-    run = report.get("run")
-    if run:
-        lines.append(
-            f"Run `{run['workdir']}` (checkpoint step {run['step']}): {run['mode']}, "
-            f"{run['model']} (width {run['width']}) on {run['dataset']}."
-        )
-    lines += [
-        f"{report['num_examples']} test examples, batch {report['batch_size']}, seed "
-        f"{report['seed']}, {report['devices']} devices. PGD images/s exclude compilation, "
-        "AutoAttack's include it.",
-        "",
-        "| attack | norm | eps | accuracy | img/s |",
-        "|:--|:--|--:|--:|--:|",
-    ]
-    for name, acc in report["accuracy"].items():
-        a = report["attacks"][name]
-        rate = report["images_per_s"][name]
-        rate = f"{rate:.0f}" if rate else "-"
-        if name == "clean":
-            what, norm, eps = "clean", "", ""
-        elif a["attack"] == "AutoAttack":
-            what = f"AutoAttack standard (n_iter {a['n_iter']}, n_queries {a['n_queries']})"
-            norm, eps = a["norm"], format_eps(a["eps"])
-        else:
-            what = f"{a['attack']} {a['loss'].upper()}, step {format_eps(a['step_size'])}"
-            norm, eps = a["norm"], format_eps(a["eps"])
-        lines.append(f"| {what} | {norm} | {eps} | {100 * acc:.2f}% | {rate} |")
-        if name == report.get("autoattack", {}).get("name"):
-            details = report["autoattack"]
-            for stage, stage_acc in details["stages"].items():
-                stage_rate = details["images_per_s"][stage]
-                stage_rate = f"{stage_rate:.0f}" if stage_rate else "-"
-                lines.append(
-                    f"| &nbsp;&nbsp;after {stage} | {norm} | {eps} | "
-                    f"{100 * stage_acc:.2f}% | {stage_rate} |"
-                )
-    if "autoattack" in report:
-        lines += [
-            "",
-            f"Largest AutoAttack perturbation: {report['autoattack']['max_perturbation']:.6g} "
-            f"({report['attacks'][report['autoattack']['name']]['norm']}); all adversarials "
-            "checked against eps and [0, 1].",
-        ]
-    lines += ["", "Warnings:" if report["warnings"] else "No sanity-check warnings."]
-    lines += [f"- {w}" for w in report["warnings"]]
-    return "\n".join(lines) + "\n"
+    return warnings
 
 
 def autoattack_name(norm: str | None = None, eps: float | None = None) -> str:
@@ -591,68 +461,3 @@ def autoattack_name(norm: str | None = None, eps: float | None = None) -> str:
     norm = norm or "linf"
     attacks.check_norm(norm)
     return f"autoattack_{norm}_{format_eps(DEFAULT_EPS[norm] if eps is None else eps)}"
-
-
-def report_stem(
-    suite: str,
-    checkpoint: str | int = "latest",
-    norm: str | None = None,
-    eps: float | None = None,
-    budget: aa.Budget = aa.STANDARD_BUDGET,
-    num_examples: int = -1,
-) -> str:
-    """``eval_<suite>``, with the AutoAttack radius for the ``autoattack`` and ``full``
-    suites (``eval_autoattack_linf_8_255``, so radii do not overwrite each other) and
-    :func:`budget_suffix`, then ``_sub<N>`` when ``num_examples`` asks for the evaluation
-    subset of N points (:func:`samrobust.input_pipeline.eval_subset`; reports of other
-    point sets never share a stem), then ``_best`` for the best checkpoint or ``_step<N>``
-    for step N."""
-    stem = f"eval_{suite}"
-    if suite != "paper":
-        stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
-        stem += budget_suffix(budget)
-    if num_examples != -1:
-        stem += f"_sub{num_examples}"
-    return stem + checkpoint_suffix(checkpoint)
-
-
-def subset_suffix(subset: Mapping[str, Any] | None) -> str:
-    """How a report's metrics name its points
-    (:func:`samrobust.input_pipeline.describe_subset`): ``""`` for a whole split (or no
-    record), ``_sub<N>`` for the evaluation subset of N points."""
-    if not subset or subset["rule"] == "all":
-        return ""
-    return f"_sub{subset['num_examples']}"
-
-
-def budget_suffix(budget: aa.Budget) -> str:
-    """``""`` for the standard AutoAttack budget, else ``_it<n_iter>_tc<targets>_q<queries>``
-    (a quick look never overwrites, nor is reported as, the standard protocol)."""
-    if budget.standard:
-        return ""
-    return f"_it{budget.n_iter}_tc{budget.n_target_classes}_q{budget.n_queries}"
-
-
-def checkpoint_suffix(checkpoint: str | int) -> str:
-    """How a report names its checkpoint: ``""`` (latest), ``_best`` or ``_step<N>``."""
-    if checkpoint == "latest":
-        return ""
-    return "_best" if checkpoint == "best" else f"_step{checkpoint}"
-
-
-def save_masks(path: str | epath.Path, masks: Mapping[str, np.ndarray]) -> None:
-    """Per-example masks as ``.npz``, keyed by metric name with ``/`` written as ``_``."""
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **{k.replace("/", "_"): v for k, v in masks.items()})
-    paths.path(path).write_bytes(buf.getvalue())
-
-
-def write_report(workdir: str, report: dict[str, Any], stem: str) -> list[str]:
-    """Writes ``<stem>.json``, ``.md`` and ``_masks.npz`` (:func:`report_stem`) to
-    ``workdir``; their paths."""
-    stem = paths.path(workdir) / stem
-    files = [stem.with_name(stem.name + s) for s in (".json", ".md", "_masks.npz")]
-    files[0].write_text(json.dumps({k: v for k, v in report.items() if k != "masks"}, indent=2))
-    files[1].write_text(markdown(report))
-    save_masks(files[2], report["masks"])
-    return [str(p) for p in files]

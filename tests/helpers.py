@@ -9,6 +9,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from experiments.gcs_emulator import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A few steps of a tiny PreActResNet on digits: seconds per run.
@@ -89,14 +91,6 @@ def run_module(
         text=True,
         timeout=timeout,
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_processes(command: list[str], timeout: float = 600) -> None:

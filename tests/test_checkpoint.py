@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from samrobust.checkpoint import PreemptedError, Preemption
+from samrobust.preemption import PreemptedError, Preemption
 from tests.helpers import (
     TINY,
     load_checkpoint,

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from samrobust import input_pipeline, robustness
+from samrobust import input_pipeline, robustness, runs
 from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env, write_folder
 
 N = 32  # test examples evaluated
@@ -128,7 +128,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
 def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
     """``load_run`` + ``evaluate`` in this process (8 devices too) give the CLI's masks."""
     _, cli_report, cli_masks = full_eval
-    run = robustness.load_run(run_dir)
+    run = runs.load_run(run_dir)
     images, labels, subset = input_pipeline.evaluation_points(run.dataset, N)
     assert cli_report["subset"] == subset  # the CLI's N points are the evaluation subset
     report = robustness.evaluate(
@@ -188,7 +188,7 @@ def test_cli_errors_name_the_fix(tmp_path, run_dir):
         ([f"--workdir={no_ckpt}"], ["No checkpoint", fix]),
         ([f"--workdir={run_dir}", "--suite=strong"], ["--suite", "paper"]),
         ([f"--workdir={run_dir}", "--suite=full", "--norm=l1"], ["--norm", "linf"]),
-        ([f"--workdir={run_dir}", "--eps=8/255"], ["--suite=autoattack"]),
+        ([f"--workdir={run_dir}", "--eps=8/255"], ["autoattack or full suite"]),
     ]
     for flags, messages in cases:
         proc = subprocess.run(

