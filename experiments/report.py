@@ -48,6 +48,7 @@ from etils import epath
 
 from samrobust import paths, reports
 from samrobust.autoattack import Budget
+from samrobust.checkpoint import flatten_config
 from samrobust.runs import parse_checkpoint
 
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
@@ -77,17 +78,6 @@ CURVE_PARAM = {"SAM": "rho", "ASAM": "rho", "AT Linf": "eps", "AT L2": "eps"}
 MARKERS = "osD^v<>"  # one per distinct data/model setting in a plot
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def read_json(path: epath.Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -111,7 +101,7 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
             metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
     return {
         "name": workdir.name,
-        "config": flatten(read_json(workdir / "config.json")),
+        "config": flatten_config(read_json(workdir / "config.json")),
         "metrics": metrics,
         "train_seconds": results["train_seconds"],
     }

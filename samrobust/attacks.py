@@ -188,7 +188,7 @@ def ascent_direction(grad: jax.Array, norm: str) -> jax.Array:
     return grad / (flat_norm(grad) + 1e-12)
 
 
-def default_unroll(steps: int) -> int:
+def pgd_unroll(steps: int) -> int:
     """Full unroll on XLA:CPU (avoids the slow in-loop conv layout), none elsewhere."""
     return max(steps, 1) if jax.default_backend() == "cpu" else 1
 
@@ -216,7 +216,7 @@ def pgd(
       steps: number of steps (a Python int >= 0).
       norm: ``"linf"`` or ``"l2"``.
       random_start: start from a random point of the ball instead of ``x``.
-      unroll: ``lax.fori_loop`` unroll factor; ``None`` picks :func:`default_unroll`.
+      unroll: ``lax.fori_loop`` unroll factor; ``None`` picks :func:`pgd_unroll`.
 
     The result carries no gradient (``stop_gradient``).
     """
@@ -232,7 +232,7 @@ def pgd(
         g = grad_fn(x + d, y)
         return project(d + step_size * ascent_direction(g, norm), x, eps, norm)
 
-    unroll = default_unroll(steps) if unroll is None else unroll
+    unroll = pgd_unroll(steps) if unroll is None else unroll
     delta = jax.lax.fori_loop(0, steps, body, delta, unroll=unroll)
     return jax.lax.stop_gradient(x + delta)
 

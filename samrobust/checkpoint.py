@@ -74,6 +74,14 @@ class DamagedCheckpointError(CheckpointError):
         )
 
 
+def quiet_orbax() -> None:
+    """Keeps orbax's per-save INFO chatter out of a command line's progress output (its
+    warnings still show)."""
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
+    )
+
+
 def flatten_config(d: dict, prefix: str = "") -> dict:
     """Nested config dicts to dotted keys (tuples as lists)."""
     out = {}

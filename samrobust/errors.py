@@ -21,6 +21,10 @@ class UserError(Exception):
     """Bad input; the message names what is wrong and the fix."""
 
 
+class DatasetUnavailableError(UserError, RuntimeError):
+    """A dataset cannot be found or read; the message names the path and the fix."""
+
+
 def one_line(message: str) -> str:
     return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 

@@ -52,6 +52,7 @@ from samrobust import (
     runs,
 )
 from samrobust.autoattack import Budget
+from samrobust.checkpoint import quiet_orbax
 from samrobust.errors import UserError
 from samrobust.workdir import DEFAULT_STALE_AFTER_S, WorkdirLock
 
@@ -116,9 +117,7 @@ def main(argv: Sequence[str]) -> None:
         raise UserError(f"--n_iter/--n_target_classes/--n_queries: {e}") from None
     if FLAGS.num_examples == 0 or FLAGS.num_examples < -1:
         raise UserError("--num_examples must be positive, or -1 for the whole test split")
-    logging.get_absl_handler().addFilter(  # orbax's INFO chatter
-        lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
-    )
+    quiet_orbax()
     preemption.exit_on_sigterm()  # the journal keeps finished batches
     parallel.initialize_runtime()
     mesh = parallel.default_mesh()

@@ -16,7 +16,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from samrobust import errors, parallel, train
+from samrobust import checkpoint, errors, parallel, train
 from samrobust.preemption import PreemptedError
 
 FLAGS = flags.FLAGS
@@ -26,16 +26,9 @@ parallel.define_runtime_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_libraries() -> None:
-    """Keeps orbax's per-save INFO chatter out of the progress output (warnings still show)."""
-    logging.get_absl_handler().addFilter(
-        lambda r: r.levelno >= logging.converter.STANDARD_WARNING or "orbax" not in r.pathname
-    )
-
-
 def main(argv):
     del argv
-    _quiet_libraries()
+    checkpoint.quiet_orbax()
     parallel.initialize_runtime()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

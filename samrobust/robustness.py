@@ -317,7 +317,7 @@ def evaluate(
     ``paper``). ``num_classes`` is checked against the model's output (inferred if None).
     ``batch_size`` is global and must divide by the device count; a non-standard ``budget``
     is warned about. ``unroll``: PGD's ``fori_loop`` unroll (None: full on CPU) and
-    AutoAttack's (:func:`samrobust.autoattack.cascade.default_unroll`). ``journal_dir``: where
+    AutoAttack's (:func:`samrobust.autoattack.cascade.iterations_per_call`). ``journal_dir``: where
     AutoAttack records finished batches, to resume an interrupted evaluation.
     Returns a dict: ``accuracy`` and ``images_per_s`` (by attack name, ``clean`` first),
     ``attacks`` (each name's budget), ``masks`` (per-example bool arrays; AutoAttack's also

@@ -191,3 +191,32 @@ def train_on_cifar10_slice(tmp_path, config: str, *overrides: str) -> dict:
     data = ["--config.dataset=image_folder", f"--config.data_dir={root}"]
     run_main(config, workdir, *data, f"--config.cache_dir={tmp_path / 'cache'}", *overrides)
     return read_results(workdir)
+
+
+def load_folder(root, tmp_path, **kw):
+    """``input_pipeline.load`` of the image folder ``root``, cached under ``tmp_path``."""
+    from samrobust import input_pipeline
+
+    return input_pipeline.load("image_folder", str(root), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def digits_config(module=None, **overrides):
+    """A small digits config of ``module`` (default ``configs/sgd.py``) with overrides by
+    dotted key."""
+    from configs import sgd as sgd_config
+
+    config = (module or sgd_config).get_config("digits")
+    config.width = 4
+    config.num_epochs = 1
+    config.batch_size = 64
+    config.eval_batch_size = 64
+    config.eval_num_examples = 64
+    config.eval_pgd_steps = 1
+    config.attack.steps = 1
+    for k, v in overrides.items():
+        target = config
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return config

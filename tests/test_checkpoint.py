@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from samrobust.checkpoint import config_mismatch
 from samrobust.preemption import PreemptedError, Preemption
 from tests.helpers import (
     TINY,
+    digits_config,
     load_checkpoint,
     run_main,
     run_module,
@@ -153,3 +155,23 @@ def test_preemption_turns_a_signal_into_a_stop_and_restores_handlers():
         preemption.close()
     assert signal.getsignal(signal.SIGTERM) is before
     assert PreemptedError("x", 143).exit_code == 143
+
+
+def test_config_mismatch_names_changed_keys_but_not_resumable_ones():
+    # The refusal itself, through the CLI on a finished run: tests/test_errors.py.
+    saved = digits_config().to_dict()
+    assert config_mismatch(saved, digits_config(width=8, rho=0.2).to_dict()) == [
+        "rho: checkpoint 0.05 vs now 0.2",
+        "width: checkpoint 4 vs now 8",
+    ]
+    # Logging/eval settings may change on resume.
+    assert (
+        config_mismatch(saved, digits_config(log_every_steps=7, eval_pgd_steps=3).to_dict()) == []
+    )
+    # A config saved before a key existed ran with the key's listed value: it still matches
+    # a config that holds that value, on either side, and not one that holds another.
+    older = {k: v for k, v in saved.items() if k not in ("nesterov", "label_smoothing")}
+    assert config_mismatch(older, saved) == config_mismatch(saved, older) == []
+    assert config_mismatch(older, digits_config(label_smoothing=0.2).to_dict()) == [
+        "label_smoothing: checkpoint 0.0 vs now 0.2"
+    ]

@@ -1,186 +1,25 @@
-"""Data sources: image folders (and tar archives of them) with their cache, torchvision's
-CIFAR files, and the stratified train/validation subsets."""
+"""Data sources (torchvision's CIFAR files), the stratified train/validation subsets and
+the evaluation subset."""
 
 import json
 import os
 import pickle
 import subprocess
 import sys
-import tarfile
+import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from samrobust import input_pipeline
+from samrobust import input_pipeline, train
 from tests.helpers import (
     CIFAR10_JPEG,
     REPO,
-    image,
-    run_module,
-    seed_of,
+    digits_config,
+    load_folder,
     train_on_cifar10_slice,
     write_folder,
 )
-
-
-@pytest.fixture
-def folder(tmp_path):
-    root = tmp_path / "images"
-    return root, write_folder(root)
-
-
-def load(root, tmp_path, **kw) -> input_pipeline.Dataset:
-    return input_pipeline.load("image_folder", str(root), cache_dir=str(tmp_path / "cache"), **kw)
-
-
-def test_image_folder_labels_pixels_and_statistics(folder, tmp_path):
-    root, pixels = folder
-    ds = load(root, tmp_path)
-    assert ds.train_images.shape == (18, 8, 8, 3) and ds.test_images.shape == (6, 8, 8, 3)
-    assert ds.train_images.dtype == np.float32 and ds.num_classes == 3
-    # Class index = position of the folder name in sorted order; files in sorted order.
-    np.testing.assert_array_equal(ds.train_labels, np.repeat([0, 1, 2], 6))
-    np.testing.assert_array_equal(ds.test_labels, np.repeat([0, 1, 2], 2))
-    # PNG is lossless: the exact pixels, scaled to [0, 1].
-    np.testing.assert_array_equal(np.round(ds.train_images[6 + 2] * 255), pixels["train", "cat", 2])
-    np.testing.assert_array_equal(np.round(ds.test_images[4] * 255), pixels["test", "dog", 0])
-    # JPEG is lossy (and random pixels its worst case) but keeps each block's mean colour.
-    written = image(seed_of("train", 1, 1)).astype(np.float32)
-    assert np.abs(ds.train_images[1].mean((0, 1)) * 255 - written.mean((0, 1))).max() < 4
-    train = ds.train_images.astype(np.float64)
-    np.testing.assert_allclose(ds.mean, train.mean(axis=(0, 1, 2)), atol=1e-6)
-    np.testing.assert_allclose(ds.std, train.std(axis=(0, 1, 2)), atol=1e-6)
-
-
-def test_tar_gz_archive_equals_the_folder(folder, tmp_path):
-    root, _ = folder
-    archive = tmp_path / "images.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(root / "train", arcname="train")
-        tar.add(root / "test", arcname="test")
-    a, b = load(root, tmp_path), load(archive, tmp_path)
-    for field in ("train_images", "train_labels", "test_images", "test_labels"):
-        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
-    assert a.mean == b.mean and a.num_classes == b.num_classes
-
-
-def test_cache_is_used_then_invalidated_by_a_change(folder, tmp_path, monkeypatch):
-    root, _ = folder
-    first = load(root, tmp_path)
-    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 1
-    real_decode = input_pipeline._decode_folder
-
-    def no_decode(path):
-        raise AssertionError(f"decoded {path} again instead of using the cache")
-
-    monkeypatch.setattr(input_pipeline, "_decode_folder", no_decode)
-    cached = load(root, tmp_path)
-    np.testing.assert_array_equal(cached.train_images, first.train_images)
-
-    Image.fromarray(image(99)).save(root / "train" / "dog" / "999.png")  # a change
-    with pytest.raises(AssertionError, match="decoded"):
-        load(root, tmp_path)
-    monkeypatch.setattr(input_pipeline, "_decode_folder", real_decode)
-    changed = load(root, tmp_path)
-    assert len(changed.train_labels) == 19
-    np.testing.assert_array_equal(np.round(changed.train_images[-1] * 255), image(99))
-    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 1  # the old one went
-
-
-def test_archive_cache_follows_content_not_path_or_mtime(folder, tmp_path, monkeypatch):
-    root, _ = folder
-    archive = tmp_path / "a" / "images.tar"
-    archive.parent.mkdir()
-    with tarfile.open(archive, "w") as tar:
-        tar.add(root / "train", arcname="train")
-        tar.add(root / "test", arcname="test")
-    first = load(archive, tmp_path)
-    real_decode = input_pipeline._decode_folder
-
-    def no_decode(path):
-        raise AssertionError(f"decoded {path} again instead of using the cache")
-
-    monkeypatch.setattr(input_pipeline, "_decode_folder", no_decode)
-    copy = tmp_path / "b" / "images.tar"  # a re-copy: another path, a newer mtime
-    copy.parent.mkdir()
-    copy.write_bytes(archive.read_bytes())
-    os.utime(copy, ns=(archive.stat().st_mtime_ns + 10**9,) * 2)
-    monkeypatch.chdir(tmp_path)
-    np.testing.assert_array_equal(load("b/images.tar", tmp_path).train_images, first.train_images)
-
-    with tarfile.open(copy, "a") as tar:  # a change of content
-        tar.add(root / "train" / "cat" / "000.png", arcname="train/cat/extra.png")
-    with pytest.raises(AssertionError, match="decoded"):
-        load(copy, tmp_path)
-    monkeypatch.setattr(input_pipeline, "_decode_folder", real_decode)
-    assert len(load(copy, tmp_path).train_labels) == 19
-    # The changed copy's cache replaced nothing of the unchanged original's.
-    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 2
-    monkeypatch.setattr(input_pipeline, "_decode_folder", no_decode)
-    np.testing.assert_array_equal(load(archive, tmp_path).train_images, first.train_images)
-
-
-def test_a_folder_by_relative_or_absolute_path_shares_one_cache(folder, tmp_path, monkeypatch):
-    root, _ = folder
-    load(root, tmp_path)
-    monkeypatch.chdir(root.parent)
-    load(root.name, tmp_path)
-    assert len(list((tmp_path / "cache").glob("image_folder-*.npz"))) == 1
-
-
-def break_layout(root, case: str) -> str:
-    """Damages a folder as ``case`` says; returns a text the error must contain."""
-    if case == "no_train":
-        os.rename(root / "train", root / "training")
-        return "no train/ folder"
-    if case == "no_test":
-        os.rename(root / "test", root / "testing")
-        return "no test/ folder"
-    if case == "empty_test":
-        for f in (root / "test").rglob("*.*"):
-            f.unlink()
-        return "no images in test/"
-    if case == "sizes":
-        Image.fromarray(image(5, size=9)).save(root / "train" / "cat" / "100.png")
-        return f"{root / 'train' / 'cat' / '100.png'} is 9x9"
-    if case == "unreadable":
-        (root / "test" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
-        return f"cannot decode image {root / 'test' / 'dog' / 'bad.jpg'}"
-    if case == "class_missing":
-        (root / "test" / "horse").mkdir()
-        Image.fromarray(image(6)).save(root / "test" / "horse" / "0.png")
-        return "test classes ['horse'] have no folder in train/"
-    raise ValueError(case)
-
-
-@pytest.mark.parametrize(
-    "case", ["no_train", "no_test", "empty_test", "sizes", "unreadable", "class_missing"]
-)
-def test_bad_folders_fail_naming_the_path(folder, tmp_path, case):
-    root, _ = folder
-    expected = break_layout(root, case)
-    with pytest.raises(input_pipeline.DatasetUnavailableError) as e:
-        load(root, tmp_path)
-    assert expected in str(e.value)
-    assert not list((tmp_path / "cache").glob("*.npz"))  # nothing half-made is cached
-
-
-def test_bad_folder_through_the_cli_is_one_line(folder, tmp_path):
-    root, _ = folder
-    expected = break_layout(root, "unreadable")
-    proc = run_module(
-        "samrobust.main",
-        "--config=configs/sgd.py:digits",
-        f"--workdir={tmp_path / 'run'}",
-        "--config.dataset=image_folder",
-        f"--config.data_dir={root}",
-        f"--config.cache_dir={tmp_path / 'cache'}",
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last
-    assert "Traceback" not in proc.stderr
 
 
 def write_torchvision_cifar(root, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +109,7 @@ def test_the_evaluation_subset_of_a_class_sorted_folder_covers_every_class(tmp_p
     stratified draw, never the first N (one class), and the same N points in every process."""
     root = tmp_path / "images"
     write_folder(root, per_class=(1, 30))
-    ds = load(root, tmp_path)
+    ds = load_folder(root, tmp_path)
     assert np.all(np.diff(ds.test_labels) >= 0)  # the folder's order: sorted by class
     for n in (7, 12, 29):
         idx = input_pipeline.eval_subset(ds.test_labels, n)
@@ -314,3 +153,59 @@ def test_training_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
     assert results["dataset"] == "image_folder" and results["train_examples"] == 1000
     assert results["test_examples"] == 200
     assert results["accuracy"]["clean"] > 0.25, results["accuracy"]  # chance: 0.10
+
+
+def test_missing_tfds_dataset_fails_fast_with_the_fixes(tmp_path):
+    config = digits_config(dataset="cifar10", data_dir=str(tmp_path / "no_data"))
+    start = time.perf_counter()
+    with pytest.raises(input_pipeline.DatasetUnavailableError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert time.perf_counter() - start < 60  # not the minutes of download retries
+    for fix in ("--config.data_dir", "tfds build cifar10", ":digits"):
+        assert fix in str(e.value)
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = input_pipeline.load_digits(), input_pipeline.load_digits()
+    np.testing.assert_array_equal(a.test_labels, b.test_labels)
+    assert len(a.train_images) + len(a.test_images) == 1797
+    assert a.image_shape == (8, 8, 1) and a.train_images.max() <= 1.0
+    counts = np.bincount(a.test_labels, minlength=10) / np.bincount(
+        np.concatenate([a.train_labels, a.test_labels]), minlength=10
+    )
+    np.testing.assert_allclose(counts, 0.2, atol=0.01)
+
+
+def test_train_batches_resume_and_host_slices():
+    images = np.arange(100, dtype=np.float32)[:, None]
+    labels = np.arange(100, dtype=np.int32)
+    full = input_pipeline.train_batches(images, labels, 20, seed=3)
+    seq = [next(full)[1] for _ in range(12)]
+    resumed = input_pipeline.train_batches(images, labels, 20, seed=3, start_step=7)
+    for s in range(7, 12):
+        np.testing.assert_array_equal(next(resumed)[1], seq[s])
+    # An epoch (5 steps) covers every example once; epochs differ in order.
+    assert sorted(np.concatenate(seq[:5])) == list(range(100))
+    assert not np.array_equal(np.concatenate(seq[:5]), np.concatenate(seq[5:10]))
+    hosts = [
+        next(
+            input_pipeline.train_batches(
+                images, labels, 20, seed=3, process_index=i, process_count=2
+            )
+        )[1]
+        for i in range(2)
+    ]
+    np.testing.assert_array_equal(np.sort(np.concatenate(hosts)), np.sort(seq[0]))
+
+
+def test_tfds_path_converts_images_and_labels(monkeypatch):
+    """load_tfds on tfds's own mock data (its testing utility; no download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(num_examples=12):
+        ds = input_pipeline.load("cifar10")
+    assert ds.train_images.shape == (12, 32, 32, 3) and ds.train_images.dtype == np.float32
+    assert 0.0 <= ds.train_images.min() and ds.train_images.max() <= 1.0
+    assert ds.train_images.max() > 0.5  # scaled from uint8, not left in [0, 255] or [0, 1/255]
+    assert ds.test_labels.dtype == np.int32 and ds.test_labels.max() < 10
+    assert (ds.num_classes, ds.mean) == (10, (0.4914, 0.4822, 0.4465))

@@ -409,8 +409,17 @@ def test_negative_rho_raises():
         sam(-0.1)
 
 
-def test_schedule_rho_accepted():
-    sam(optax.constant_schedule(0.1))
+def test_a_constant_schedule_equals_its_float_radius():
+    steps = 3
+    grad = jax.grad(_quad_loss)
+    scheduled = _run_tx(_tx(optax.constant_schedule(RHO)), grad, _as_jax(Q_W0), steps)
+    fixed = _run_tx(_tx(RHO), grad, _as_jax(Q_W0), steps)
+    for a, b in zip(scheduled, fixed, strict=True):
+        for k in KEYS:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+    # ... and a radius does matter here: rho 0 ends elsewhere.
+    plain = _run_tx(_tx(0.0), grad, _as_jax(Q_W0), steps)[-1]
+    assert max(float(np.max(np.abs(plain[k] - fixed[-1][k]))) for k in KEYS) > 1e-4
 
 
 def test_missing_grad_fn_raises():

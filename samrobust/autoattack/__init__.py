@@ -5,7 +5,9 @@ as the reference code (github.com/fra31/auto-attack): one module per attack.
 - :mod:`~samrobust.autoattack.fab`: FAB-T (``fab_pt.py``).
 - :mod:`~samrobust.autoattack.square`: Square Attack (``square.py``).
 - :mod:`~samrobust.autoattack.cascade`: :class:`Budget`, the stages and the one host-side
-  cascade :func:`autoattack` with a pluggable runner (``autoattack.py``).
+  cascade :func:`autoattack` (``autoattack.py``), with a pluggable runner
+  (:mod:`~samrobust.autoattack.runners`) and a journal of finished batches
+  (:mod:`~samrobust.autoattack.journal`).
 - :mod:`~samrobust.autoattack.checks`: the reference's sanity checks (``checks.py``).
 - :mod:`~samrobust.autoattack.base`: the per-example stage protocol the attacks share.
 
@@ -19,14 +21,13 @@ from samrobust.autoattack.cascade import (
     STANDARD_BUDGET,
     AutoAttackResult,
     Budget,
-    Journal,
-    Local,
-    Sharded,
     autoattack,
     run_cascade,
 )
 from samrobust.autoattack.checks import sanity_checks
 from samrobust.autoattack.fab import fab_targeted
+from samrobust.autoattack.journal import Journal
+from samrobust.autoattack.runners import Local, Sharded
 from samrobust.autoattack.square import square_attack
 
 __all__ = [

@@ -23,28 +23,22 @@ How the work is laid out (:func:`autoattack`):
 - On XLA:CPU the iterations are driven from Python, ``unroll`` steps per jitted call
   (XLA:CPU runs a convolution network's gradient several times slower inside a ``while``
   loop); elsewhere each segment is one ``lax.fori_loop`` (unrolled ``unroll`` times).
-- A :class:`Journal` records every finished batch, so an interrupted evaluation resumes
-  where it stopped and ends with the same result.
+- A :class:`~samrobust.autoattack.journal.Journal` records every finished batch, so an
+  interrupted evaluation resumes where it stopped and ends with the same result.
+- The runners (:mod:`samrobust.autoattack.runners`) place the jitted pieces: one device,
+  or sharded over a mesh.
 """
 
 import dataclasses
-import functools
-import hashlib
-import io
-import json
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from etils import epath
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from samrobust import parallel, paths
 from samrobust.attacks import (
     VALID_TOL,
     LogitsFn,
@@ -56,10 +50,11 @@ from samrobust.attacks import (
 from samrobust.autoattack.apgd import stage as apgd_stage
 from samrobust.autoattack.base import Stage
 from samrobust.autoattack.fab import stage as fab_stage
+from samrobust.autoattack.journal import Journal
+from samrobust.autoattack.runners import Local, Runner, Tree
 from samrobust.autoattack.square import stage as square_stage
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
-Tree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,129 +124,7 @@ class AutoAttackResult:
         return float(np.mean(self.clean))
 
 
-# --------------------------------------------------------------------------------------------
-# Runners: where the jitted pieces run
-# --------------------------------------------------------------------------------------------
-
-
-class Runner(Protocol):
-    """Runs ``fn(logits_fn, batch_tree, *scalars) -> batch_tree`` on batches whose size is a
-    multiple of ``multiple``; ``put``/``get`` move global host batches in and out."""
-
-    multiple: int
-
-    def put(self, tree: Tree) -> Tree: ...
-
-    def get(self, tree: Tree) -> Tree: ...
-
-    def jit(self, fn: Callable, logits_fn: LogitsFn, n_scalars: int) -> Callable: ...
-
-
-def _bind(jitted: Callable, fn: Callable, logits_fn: LogitsFn) -> Callable:
-    """A pytree model (``jax.tree_util.Partial``) is a traced argument, so its parameters are
-    not baked into the executable; any other callable is closed over."""
-    if isinstance(logits_fn, jax.tree_util.Partial):
-        return functools.partial(jitted(fn), logits_fn)
-    return jitted(lambda *args: fn(logits_fn, *args))
-
-
-class Local:
-    """One device: plain ``jax.jit``."""
-
-    multiple = 1
-
-    def put(self, tree: Tree) -> Tree:
-        return jax.device_put(tree)
-
-    def get(self, tree: Tree) -> Tree:
-        return jax.tree.map(np.asarray, tree)
-
-    def jit(self, fn: Callable, logits_fn: LogitsFn, n_scalars: int) -> Callable:
-        return _bind(jax.jit, fn, logits_fn)
-
-
-class Sharded:
-    """Every batch split over ``mesh`` (all processes feed their slice of the same global
-    batch); the model replicated."""
-
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
-        self.multiple = mesh.size
-
-    def put(self, tree: Tree) -> Tree:
-        pc, pi = jax.process_count(), jax.process_index()
-
-        def one(a):
-            per = len(a) // pc
-            return parallel.shard_batch(self.mesh, a[pi * per : (pi + 1) * per])[0]
-
-        return jax.tree.map(one, tree)
-
-    def get(self, tree: Tree) -> Tree:
-        return jax.tree.map(parallel.gather, tree)
-
-    def jit(self, fn: Callable, logits_fn: LogitsFn, n_scalars: int) -> Callable:
-        def jitted(f):
-            if isinstance(logits_fn, jax.tree_util.Partial):
-                specs = (P(), P(parallel.AXIS)) + (P(),) * n_scalars
-            else:
-                specs = (P(parallel.AXIS),) + (P(),) * n_scalars
-            return parallel.sharded_jit(f, self.mesh, specs, P(parallel.AXIS))
-
-        return _bind(jitted, fn, logits_fn)
-
-
-# --------------------------------------------------------------------------------------------
-# A journal of finished batches (resumable evaluations)
-# --------------------------------------------------------------------------------------------
-
-
-class Journal:
-    """Finished batches of one evaluation, one small ``.npz`` per batch under
-    ``directory/<settings hash>/`` (local or any epath, e.g. gs://), written by process 0.
-    Evaluations with other settings (points, labels, budget, seed...) use other folders."""
-
-    def __init__(self, directory: str | epath.Path, settings: dict[str, Any]):
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        self.path = paths.path(directory) / digest[:16]
-        self.settings = settings
-        self.writer = jax.process_index() == 0
-
-    def _name(self, stage: str, run: int, batch: int) -> str:
-        return f"{stage}_run{run:03d}_batch{batch:05d}.npz"
-
-    def load(self, stage: str, run: int) -> list[dict[str, np.ndarray]]:
-        """The recorded batches of ``stage``'s run ``run``, in order."""
-        out = []
-        while (p := self.path / self._name(stage, run, len(out))).exists():
-            with np.load(io.BytesIO(p.read_bytes())) as f:
-                out.append(dict(f))
-        return out
-
-    def record(self, stage: str, run: int, batch: int, **arrays: np.ndarray) -> None:
-        if not self.writer:
-            return
-        if batch == 0 and run == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "settings.json").write_text(json.dumps(self.settings, indent=2))
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        tmp = self.path / f".{self._name(stage, run, batch)}.tmp"
-        tmp.write_bytes(buf.getvalue())
-        tmp.rename(self.path / self._name(stage, run, batch))
-
-    def remove(self) -> None:
-        """Deletes the journal (once its evaluation's report is written)."""
-        if self.writer and self.path.exists():
-            self.path.rmtree()
-
-
-# --------------------------------------------------------------------------------------------
-# The cascade
-# --------------------------------------------------------------------------------------------
-
-
-def default_unroll() -> int:
+def iterations_per_call() -> int:
     """Iterations per jitted call on CPU (measured: ``python -m experiments.bench
     --sections=autoattack``); the ``fori_loop`` unroll elsewhere."""
     return 2 if jax.default_backend() == "cpu" else 1
@@ -407,6 +280,18 @@ def autoattack(
     return run_cascade(logits_fn, x, y, key, stages, eps=eps, norm=norm, **options)
 
 
+def _correctly_classified(
+    runner: Runner, logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, cap: int
+) -> np.ndarray:
+    """Which points the model classifies correctly, in batches of ``cap``."""
+    predict = runner.jit(lambda lf, b: jnp.argmax(lf(b["x"]), axis=-1) == b["y"], logits_fn, 0)
+    clean = np.zeros(len(x), bool)
+    for start in range(0, len(x), cap):
+        idx = np.resize(np.arange(start, min(start + cap, len(x))), cap)
+        clean[idx] = runner.get(predict(runner.put({"x": x[idx], "y": y[idx]})))
+    return clean
+
+
 def run_cascade(
     logits_fn: LogitsFn,
     x: np.ndarray,
@@ -426,7 +311,7 @@ def run_cascade(
 
     ``runner``: :class:`Local` (default) or :class:`Sharded`; ``batch_size`` must divide by
     its device count. ``unroll``: iterations per jitted call on CPU, the ``fori_loop``
-    unroll elsewhere (default :func:`default_unroll`). ``compact=False`` keeps fixed batches
+    unroll elsewhere (default :func:`iterations_per_call`). ``compact=False`` keeps fixed batches
     and runs every run to its end (for comparison). ``journal``: records finished batches
     and resumes from them.
     """
@@ -441,15 +326,11 @@ def run_cascade(
     n = len(x)
     if n != len(y):
         raise ValueError(f"need as many labels as images; got {len(y)} and {n}")
-    unroll = default_unroll() if unroll is None else unroll
+    unroll = iterations_per_call() if unroll is None else unroll
     host_loop = jax.default_backend() == "cpu"
     cap = min(batch_size, _bucket(n, batch_size, runner.multiple))
 
-    predict = runner.jit(lambda lf, b: jnp.argmax(lf(b["x"]), axis=-1) == b["y"], logits_fn, 0)
-    clean = np.zeros(n, bool)
-    for start in range(0, n, cap):
-        idx = np.resize(np.arange(start, min(start + cap, n)), cap)
-        clean[idx] = runner.get(predict(runner.put({"x": x[idx], "y": y[idx]})))
+    clean = _correctly_classified(runner, logits_fn, x, y, cap)
     robust, x_adv = clean.copy(), x.copy()
     result = AutoAttackResult(x_adv, robust, clean, {}, 0.0, {}, {}, {})
     for si, st in enumerate(stages):
