@@ -68,7 +68,7 @@ import samrobust.autoattack as samrobust_aa
 from experiments.torch_preact import from_flax, nhwc_to_nchw, torch_logits
 from samrobust import input_pipeline, parallel
 from samrobust.attacks import parse_eps
-from samrobust.robustness import Run, load_run
+from samrobust.runs import Run, load_run
 
 STAGES = tuple(samrobust_aa.STANDARD_ATTACKS)  # apgd-ce, apgd-t, fab-t, square
 REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}

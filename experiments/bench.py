@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -403,7 +404,8 @@ def bench_torch(args) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments (``argv``: default ``sys.argv[1:]``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="preact_resnet18", choices=models.MODELS)
     p.add_argument(
@@ -429,7 +431,11 @@ def main() -> None:
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--cpu_devices", type=int, default=None, help=parallel.CPU_DEVICES_HELP)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     parallel.set_xla_cpu_defaults()
     parallel.set_cpu_devices(args.cpu_devices)
     sections = args.sections.split(",")

@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 import tempfile
+from collections.abc import Sequence
 
 from experiments.gcs_emulator import fake_gcs_server
 from samrobust.metrics import MetricWriter
@@ -49,11 +50,16 @@ def measure(client: object, bucket: str, steps: int, log_every: int) -> dict[str
     }
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments (``argv``: default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10000)
     parser.add_argument("--json", default=None, help="Also write the figures here.")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         with fake_gcs_server(f"{tmp}/fake-gcs-server.log", BUCKET) as client:
             rows = [measure(client, BUCKET, args.steps, every) for every in (100, 1)]

@@ -15,13 +15,13 @@ rounds (the figures in ``experiments/results/conv_speed_cpu_w8_b160.txt``):
 import argparse
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samrobust.robustness import load_run
+from samrobust.runs import load_run
 
 
 def per_call_ms(fn: Callable[[], object], reps: int) -> float:
@@ -33,13 +33,18 @@ def per_call_ms(fn: Callable[[], object], reps: int) -> float:
     return (time.perf_counter() - start) / reps * 1000
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments (``argv``: default ``sys.argv[1:]``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a samrobust.main run")
     p.add_argument("--batch", type=int, default=160)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--torch", action="store_true", help="also time the torch copy")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     run = load_run(args.workdir)
     x = np.asarray(run.dataset.test_images[: args.batch], np.float32)
     y = np.asarray(run.dataset.test_labels[: args.batch], np.int32)

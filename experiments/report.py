@@ -495,7 +495,8 @@ def report(
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments (``argv``: default ``sys.argv[1:]``)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--root", required=True, help="the sweep's directory (one workdir per run)")
     p.add_argument("--out", help="output directory (default: --root)")
@@ -512,7 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="show the runs' train seconds and their ratio to SGD's (--no-measured_cost: "
         "only the nominal cost, for runs that shared the machine unevenly)",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         data = report(
             args.root, args.out, args.robust_key or [DEFAULT_ROBUST_KEY], args.measured_cost

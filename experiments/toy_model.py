@@ -63,6 +63,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -801,11 +802,16 @@ def _all_seeds(results: dict[str, Any], idx: range) -> bool:
     return all(v["claims"][names[i]] for v in checks.values() for i in idx)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: ``--out DIR`` writes ``toy_model.png``, ``toy_model.md``, ``toy_model.json``."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments (``argv``: default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="experiments/results", help="output directory")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """CLI: ``--out DIR`` writes ``toy_model.png``, ``toy_model.md``, ``toy_model.json``."""
+    args = parse_args(argv)
     results = run()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "toy_model.json"), "w") as f:

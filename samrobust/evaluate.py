@@ -33,6 +33,7 @@ lock and keeping the journal.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -59,64 +60,108 @@ from samrobust.workdir import DEFAULT_STALE_AFTER_S, WorkdirLock
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-    flags.DEFINE_string("workdir", None, "Training run directory (of samrobust.main).")
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """The command line's flags, on ``flag_values``."""
+    flags.DEFINE_string(
+        "workdir", None, "Training run directory (of samrobust.main).", flag_values=flag_values
+    )
     flags.DEFINE_string(
         "checkpoint",
         "latest",
         "Which checkpoint: latest, best (by validation robust accuracy; runs with "
         "--config.eval_every_epochs) or a step number.",
+        flag_values=flag_values,
     )
-    flags.DEFINE_enum("suite", "paper", robustness.SUITES, "Evaluation suite.")
+    flags.DEFINE_enum(
+        "suite", "paper", robustness.SUITES, "Evaluation suite.", flag_values=flag_values
+    )
     flags.DEFINE_string(
-        "eps", None, "AutoAttack radius, e.g. 8/255 or 0.5 (default: Linf 8/255, L2 0.5)."
+        "eps",
+        None,
+        "AutoAttack radius, e.g. 8/255 or 0.5 (default: Linf 8/255, L2 0.5).",
+        flag_values=flag_values,
     )
-    flags.DEFINE_enum("norm", None, attacks.NORMS, "AutoAttack norm (default linf).")
+    flags.DEFINE_enum(
+        "norm", None, attacks.NORMS, "AutoAttack norm (default linf).", flag_values=flag_values
+    )
     flags.DEFINE_integer(
-        "num_examples", -1, "Evaluate N test examples, a fixed class-stratified subset (-1: all)."
+        "num_examples",
+        -1,
+        "Evaluate N test examples, a fixed class-stratified subset (-1: all).",
+        flag_values=flag_values,
     )
     flags.DEFINE_integer(
         "batch_size",
         None,
         "Global batch size, a multiple of the device count (default: the run's eval_batch_size).",
+        flag_values=flag_values,
     )
-    flags.DEFINE_integer("seed", None, "Attack seed (default: the run's seed).")
-    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: the run's).")
-    flags.DEFINE_integer("n_iter", 100, "AutoAttack iterations (standard: 100).")
-    flags.DEFINE_integer("n_target_classes", 9, "AutoAttack target classes (standard: 9).")
-    flags.DEFINE_integer("n_queries", 5000, "Square Attack queries (standard: 5000).")
+    flags.DEFINE_integer(
+        "seed", None, "Attack seed (default: the run's seed).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "tfds data_dir (default: the run's).", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "n_iter", 100, "AutoAttack iterations (standard: 100).", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "n_target_classes", 9, "AutoAttack target classes (standard: 9).", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "n_queries", 5000, "Square Attack queries (standard: 5000).", flag_values=flag_values
+    )
     flags.DEFINE_integer(
         "unroll",
         None,
         "Attack iterations per loop body: PGD's fori_loop unroll (default: full on CPU) and "
         "AutoAttack's iterations per jitted call on CPU / fori_loop unroll elsewhere.",
+        flag_values=flag_values,
     )
     flags.DEFINE_float(
         "lock_stale_after_s",
         DEFAULT_STALE_AFTER_S,
         "Take over the workdir's lock once its holder's heartbeat is this many seconds old.",
+        flag_values=flag_values,
     )
-    parallel.define_runtime_flags()
-    flags.mark_flag_as_required("workdir")
+    parallel.define_runtime_flags(flag_values)
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The evaluation the flags ask for (the flags' values checked)."""
+
+    eps: float | None
+    checkpoint: str | int
+    budget: Budget
+
+
+def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
+    """The parsed flags' settings; a ``UserError`` naming the flag for a bad value."""
+    fv = flag_values
+    try:
+        eps = None if fv.eps is None else attacks.parse_eps(fv.eps)
+    except ValueError as e:
+        raise UserError(f"--eps: {e}") from None
+    try:
+        checkpoint = runs.parse_checkpoint(fv.checkpoint)
+    except ValueError as e:
+        raise UserError(f"--checkpoint: {e}") from None
+    try:
+        budget = Budget(fv.n_iter, fv.n_target_classes, fv.n_queries)
+    except ValueError as e:
+        raise UserError(f"--n_iter/--n_target_classes/--n_queries: {e}") from None
+    if fv.num_examples == 0 or fv.num_examples < -1:
+        raise UserError("--num_examples must be positive, or -1 for the whole test split")
+    return Settings(eps, checkpoint, budget)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-    try:
-        eps = None if FLAGS.eps is None else attacks.parse_eps(FLAGS.eps)
-    except ValueError as e:
-        raise UserError(f"--eps: {e}") from None
-    try:
-        checkpoint = runs.parse_checkpoint(FLAGS.checkpoint)
-    except ValueError as e:
-        raise UserError(f"--checkpoint: {e}") from None
-    try:
-        budget = Budget(FLAGS.n_iter, FLAGS.n_target_classes, FLAGS.n_queries)
-    except ValueError as e:
-        raise UserError(f"--n_iter/--n_target_classes/--n_queries: {e}") from None
-    if FLAGS.num_examples == 0 or FLAGS.num_examples < -1:
-        raise UserError("--num_examples must be positive, or -1 for the whole test split")
+    s = settings()
+    eps, checkpoint, budget = s.eps, s.checkpoint, s.budget
     quiet_orbax()
     preemption.exit_on_sigterm()  # the journal keeps finished batches
     parallel.initialize_runtime()
@@ -207,5 +252,5 @@ def _evaluate(
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     errors.run(main)
