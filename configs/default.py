@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # x KL(clean || adversarial), attack maximising the KL) or mart (samrobust.losses).
     config.at_loss = "ce"
     config.at_beta = 6.0
+    # AWP (samrobust.sam.awp): adversarial weight perturbation of the AT loss, layer-wise
+    # relative radius gamma (0.005 in AT-AWP, 0 = off); mode at only (sam_at perturbs the
+    # weights already).
+    config.awp_gamma = 0.0
 
     # Evaluation during training: every N epochs (0 = off) clean and PGD accuracy on the
     # validation split (the test split when val_examples = 0); keeps the best checkpoint by

@@ -9,10 +9,11 @@
   python -m experiments.report --root=/tmp/digits
 
 Grids are defined in ``experiments/grids.py`` (``paper_cifar10``, ``paper_cifar100``,
-``digits``, ``smoke``). Each run gets ``ROOT/<config>_s<seed>`` (e.g. ``sam_rho0.1_s0``)
-and its stdout/stderr go to ``ROOT/<run>/log.txt``. ``--root`` may be ``gs://bucket/dir``
-(see ``samrobust.paths``); a run's output then passes through the sweep, which rewrites
-``log.txt`` every ``LOG_FLUSH_SECONDS`` and when the run ends. Runs are ordered seed by seed, so a
+``cifar10_cpu``, ``cifar10_fast``, ``digits``, ``smoke``). Each run gets
+``ROOT/<config>_s<seed>`` (e.g. ``sam_rho0.1_s0``) and its stdout/stderr go to
+``ROOT/<run>/log.txt``. ``--root`` may be ``gs://bucket/dir`` (see ``samrobust.paths``); a
+run's output then passes through the sweep, which appends it to ``log.txt`` every
+``LOG_FLUSH_SECONDS`` and when the run ends. Runs are ordered seed by seed, so a
 partial sweep already holds every config. A run with ``results.json`` is skipped (its
 ``config.json`` must match the grid's config); any other run is (re)started with the same
 command, which resumes from its latest checkpoint. ``--eval=SUITE`` then runs
@@ -46,7 +47,7 @@ from experiments.grids import GRIDS, RunSpec
 from samrobust import errors, paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOG_FLUSH_SECONDS = 30.0  # how often a remote log.txt is rewritten while a run runs
+LOG_FLUSH_SECONDS = 30.0  # how often a run's output is appended to a remote log.txt
 
 
 def flag_value(value: Any) -> str:

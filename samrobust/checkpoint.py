@@ -53,6 +53,7 @@ ADDED_KEYS = {
     "at_beta": 6.0,
     "sam_start_fraction": 0.0,
     "sam_probability": 1.0,
+    "awp_gamma": 0.0,
 }
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"

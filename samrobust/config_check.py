@@ -101,6 +101,14 @@ def _check_recipe(config: ml_collections.ConfigDict, num_devices: int, check: Ch
         "ce",
     )
     check(config.at_beta >= 0, "at_beta", "must be >= 0", "6.0")
+    check(config.awp_gamma >= 0, "awp_gamma", "must be >= 0", "0.005")
+    check(
+        not config.awp_gamma or config.mode == "at",
+        "awp_gamma",
+        "AWP perturbs the weights of adversarial training: needs --config.mode=at (sam_at "
+        "perturbs them already)",
+        "0",
+    )
     check(0 <= config.sam_start_fraction < 1, "sam_start_fraction", "must be in [0, 1)", "0.7")
     check(0 < config.sam_probability <= 1, "sam_probability", "must be in (0, 1]", "0.5")
     check(config.norm_bias_lr_scale > 0, "norm_bias_lr_scale", "must be > 0 (1 = off)", "64")

@@ -1,5 +1,5 @@
 """The optimiser of every mode: learning-rate schedules and the optax chain
-SAM -> mean over devices -> weight decay -> momentum SGD."""
+SAM or AWP -> mean over devices -> weight decay -> momentum SGD."""
 
 from typing import Any
 
@@ -11,7 +11,7 @@ import optax
 from samrobust import models
 from samrobust.config_check import uses_sam
 from samrobust.parallel import AXIS
-from samrobust.sam import sam
+from samrobust.sam import awp, sam
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -42,8 +42,8 @@ def create_optimizer(
     grouped: bool = False,
     total_steps: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-    """SAM (for SAM modes) -> mean over devices -> weight decay -> momentum SGD
-    (Nesterov with ``config.nesterov``).
+    """SAM (for SAM modes) or AWP (``config.awp_gamma``) -> mean over devices -> weight
+    decay -> momentum SGD (Nesterov with ``config.nesterov``).
 
     ``config.norm_bias_lr_scale`` = s multiplies the learning rate of BatchNorm biases by s
     and divides their weight decay by s (their decay per step is unchanged; airbench's
@@ -70,6 +70,8 @@ def create_optimizer(
                 seed=config.seed,
             )
         )
+    if config.awp_gamma:  # AT-AWP: the perturbation from the whole batch, as the reference
+        parts.append(awp(config.awp_gamma, axis_name=AXIS))
     scale = config.norm_bias_lr_scale
 
     def decay_mask(norm_bias: bool):

@@ -1,4 +1,4 @@
-"""Sharpness-Aware Minimization as an optax gradient transformation.
+"""Sharpness-Aware Minimization (and its sibling AWP) as optax gradient transformations.
 
 SAM (Foret et al., 2021, arXiv 2010.01412) minimises ``max_{||e|| <= rho} L(w + e)``.
 To first order the inner maximiser is ``e = rho * g / ||g||``, and the update uses the
@@ -37,8 +37,15 @@ BatchNorm. Here one ``update`` call is one SAM step, ``rho`` may be a schedule, 
 gradient function is a plain closure, so BatchNorm statistics or other state stay under
 the caller's control. To get auxiliary outputs of the perturbed pass (logits, new
 BatchNorm statistics), call :func:`sam_gradient` directly.
+
+AWP (:func:`awp`; Wu et al. 2020, arXiv 2004.05884) is the same two-pass update with
+another ball: per weight array of two or more dimensions, radius ``gamma * ||w_l||``
+(relative, layer-wise), biases and normalisation parameters unperturbed. On the adversarial
+loss it is AT-AWP; SAM on the adversarial loss (the ``sam_at`` mode) differs from it only
+in the ball (one global L2 ball of radius ``rho`` over all parameters).
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -51,7 +58,7 @@ ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 
 
 class SAMState(NamedTuple):
-    """State of :func:`sam`: the number of updates so far (drives a ``rho`` schedule)."""
+    """State of :func:`sam` and :func:`awp`: the number of updates (drives a schedule)."""
 
     count: jax.Array
 
@@ -91,10 +98,16 @@ def sam_gradient(
     ``grads`` is the gradient at ``params`` (the ascent direction). With ``axis_name`` it
     is averaged over that mapped axis before the perturbation is formed.
     """
+    e_fn = functools.partial(perturbation, rho=rho, adaptive=adaptive, eps=eps)
+    return _perturbed(grad_fn, grads, params, e_fn, axis_name)
+
+
+def _perturbed(grad_fn, grads, params, e_fn, axis_name):
+    """``grad_fn`` at ``params + e_fn(grads, params)``, ``grads`` averaged over
+    ``axis_name`` first (when given)."""
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    e = perturbation(grads, params, rho, adaptive=adaptive, eps=eps)
-    return grad_fn(jax.tree.map(jnp.add, params, e))
+    return grad_fn(jax.tree.map(jnp.add, params, e_fn(grads, params)))
 
 
 def sam(
@@ -138,6 +151,68 @@ def sam(
         raise ValueError("sam: grouped perturbations are per device; use axis_name=None")
     if not 0 <= probability <= 1:
         raise ValueError(f"sam: probability must be in [0, 1], got {probability}")
+    return _weight_perturbation(
+        "sam",
+        functools.partial(perturbation, adaptive=adaptive, eps=eps),
+        rho,
+        axis_name=axis_name,
+        grouped=grouped,
+        probability=probability,
+        seed=seed,
+    )
+
+
+def layerwise_perturbation(
+    grads: PyTree, params: PyTree, gamma: float | jax.Array, *, eps: float = 1e-20
+) -> PyTree:
+    """AWP's weight perturbation: ``v = gamma * ||w|| * g / ||g||`` for every weight array
+    of two or more dimensions (kernels), each with its own norms; zero for biases and
+    normalisation parameters (one-dimensional), as in csdongxian/AWP's ``diff_in_weights``."""
+
+    def one(g, w):
+        if w.ndim <= 1:
+            return jnp.zeros_like(w)
+        return gamma * jnp.linalg.norm(w) * g / (jnp.linalg.norm(g) + eps)
+
+    return jax.tree.map(one, grads, params)
+
+
+def awp(
+    gamma: ScalarOrSchedule, *, axis_name: str | None = None, eps: float = 1e-20
+) -> optax.GradientTransformationExtraArgs:
+    """Adversarial Weight Perturbation (Wu et al. 2020, arXiv 2004.05884) as an optax
+    transformation: the gradient at ``w + v``, ``v`` = :func:`layerwise_perturbation`.
+
+    SAM's sibling: the same two passes, but the radius is relative and per layer (``gamma``,
+    0.005-0.01 in the paper) instead of one global ``rho``. The reference's proxy model takes
+    one SGD ascent step and rescales its difference layer-wise, which is this ``v``. Chained
+    like :func:`sam`; ``axis_name`` averages the ascent gradient over devices first (the
+    reference perturbs with the whole batch's gradient). ``gamma`` may be a schedule (e.g.
+    0 during a warm-up), in which case the second pass runs only where it is > 0.
+    """
+    if not callable(gamma) and gamma < 0:
+        raise ValueError(f"awp: gamma must be >= 0, got {gamma}")
+    return _weight_perturbation(
+        "awp",
+        functools.partial(layerwise_perturbation, eps=eps),
+        gamma,
+        axis_name=axis_name,
+    )
+
+
+def _weight_perturbation(
+    name: str,
+    perturb: Callable[[PyTree, PyTree, Any], PyTree],
+    radius_or_schedule: ScalarOrSchedule,
+    *,
+    axis_name: str | None,
+    grouped: bool = False,
+    probability: float = 1.0,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """The transformation :func:`sam` and :func:`awp` share: the update is ``grad_fn`` at
+    ``params + perturb(grads, params, radius)``; schedules and random skipping as in
+    :func:`sam`."""
 
     def init_fn(params: PyTree) -> SAMState:
         del params
@@ -147,42 +222,34 @@ def sam(
         del extra_args
         if params is None or grad_fn is None:
             raise ValueError(
-                "sam: update needs params and grad_fn, e.g. "
+                f"{name}: update needs params and grad_fn, e.g. "
                 "tx.update(grads, state, params, grad_fn=jax.grad(loss))"
             )
-        radius = rho(state.count) if callable(rho) else rho
+        scheduled = callable(radius_or_schedule)
+        radius = radius_or_schedule(state.count) if scheduled else radius_or_schedule
 
         def perturbed():
+            e_fn = lambda g, w: perturb(g, w, radius)  # noqa: E731
             if not grouped:
-                return sam_gradient(
-                    grad_fn,
-                    updates,
-                    params,
-                    radius,
-                    adaptive=adaptive,
-                    eps=eps,
-                    axis_name=axis_name,
-                )
-            e = jax.vmap(lambda g: perturbation(g, params, radius, adaptive=adaptive, eps=eps))(
-                updates
-            )
+                return _perturbed(grad_fn, updates, params, e_fn, axis_name)
+            e = jax.vmap(lambda g: e_fn(g, params))(updates)
             per_group = grad_fn(jax.tree.map(lambda w, eg: w[None] + eg, params, e))
             return jax.tree.map(lambda g: jnp.mean(g, axis=0), per_group)
 
         def plain():
             return jax.tree.map(lambda g: jnp.mean(g, axis=0), updates) if grouped else updates
 
-        if callable(rho) or probability < 1:
+        if scheduled or probability < 1:
             active = jnp.asarray(radius) > 0
             if probability < 1:
                 key = jax.random.fold_in(jax.random.key(seed), state.count)
                 active &= jax.random.bernoulli(key, probability)
             try:  # eager (a concrete radius and draw): call only the branch taken
-                sam_grads = perturbed() if bool(active) else plain()
+                new_grads = perturbed() if bool(active) else plain()
             except jax.errors.ConcretizationTypeError:  # traced: lax.cond runs one branch
-                sam_grads = jax.lax.cond(active, perturbed, plain)
+                new_grads = jax.lax.cond(active, perturbed, plain)
         else:
-            sam_grads = perturbed()
-        return sam_grads, SAMState(count=optax.safe_increment(state.count))
+            new_grads = perturbed()
+        return new_grads, SAMState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

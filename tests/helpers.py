@@ -25,6 +25,8 @@ TINY = [
     "--config.attack.steps=2",
     "--config.eval_pgd_steps=2",
 ]
+# The shared tiny run (``conftest.tiny_run``): 22 steps, a checkpoint every 5 and at 22, all kept.
+TINY_RUN = [*TINY, "--config.keep_checkpoints=20"]
 
 
 def main_command(config: str, workdir: str, *overrides: str) -> list[str]:

@@ -16,6 +16,7 @@ from samrobust.checkpoint import config_mismatch
 from samrobust.preemption import PreemptedError, Preemption
 from tests.helpers import (
     TINY,
+    TINY_RUN,
     digits_config,
     load_checkpoint,
     run_main,
@@ -23,8 +24,7 @@ from tests.helpers import (
     start_main,
 )
 
-# 22 steps; a checkpoint every 5 (and at 22), all kept.
-OVERRIDES = [*TINY, "--config.keep_checkpoints=20"]
+OVERRIDES = TINY_RUN  # the shared run's: 22 steps, a checkpoint every 5 (and at 22), all kept
 
 
 def damage(workdir: str, step: int) -> None:
@@ -41,11 +41,10 @@ def assert_trees_equal(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[str, dict]:
-    """A finished tiny SGD run and its final state."""
-    workdir = str(tmp_path_factory.mktemp("ckpt") / "run")
-    run_main("configs/sgd.py:digits", workdir, *OVERRIDES)
-    return workdir, load_checkpoint(workdir)
+def finished_run(tiny_run) -> tuple[str, dict]:
+    """The shared finished tiny SGD run (every checkpoint kept; copy it to change it) and its
+    final state."""
+    return tiny_run, load_checkpoint(tiny_run)
 
 
 def test_resume_falls_back_past_a_damaged_checkpoint(finished_run, tmp_path):

@@ -31,6 +31,8 @@ def test_at_config_defaults_are_the_papers():
         ({"sam_probability": 0.0}, "config.sam_probability = 0.0"),
         ({"at_loss": "hinge"}, "config.at_loss = 'hinge'"),
         ({"lock_stale_after_s": 0.0}, "config.lock_stale_after_s = 0.0"),
+        ({"awp_gamma": -0.01}, "config.awp_gamma = -0.01: must be >= 0"),
+        ({"awp_gamma": 0.005}, "AWP perturbs the weights of adversarial training"),
     ],
 )
 def test_invalid_recipe_fields_are_config_errors(overrides, message):

@@ -2,12 +2,13 @@
 traceback, and nothing lost."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
 
 from samrobust import errors
-from tests.helpers import TINY, run_main, run_module
+from tests.helpers import run_module
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> None:
@@ -21,9 +22,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *expected: str) -> 
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> str:
+def finished(tiny_run, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("errors") / "run")
-    run_main("configs/sgd.py:digits", workdir, *TINY)
+    shutil.copytree(tiny_run, workdir)
     return workdir
 
 

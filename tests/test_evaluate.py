@@ -7,6 +7,7 @@ rolled (``unroll=1``) and AutoAttack's budget is reduced: most of the runtime is
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,10 +46,10 @@ def run_evaluate(workdir: str, *flags: str, devices: int = 8) -> subprocess.Comp
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> str:
+def run_dir(tiny_run, tmp_path_factory) -> str:
+    """A copy of the shared tiny run, for this module's reports."""
     workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
-    # PGD-0 in the run's own final evaluation: it is not under test here.
-    run_main("configs/sgd.py:digits", workdir, *TINY, "--config.eval_pgd_steps=0")
+    shutil.copytree(tiny_run, workdir)
     return workdir
 
 
@@ -209,7 +210,6 @@ def test_cli_errors_name_the_fix(tmp_path, run_dir):
 def test_sigterm_releases_the_lock(run_dir, tmp_path):
     """A scheduler's SIGTERM while the evaluation holds the workdir (loading the checkpoint
     and the data, compiling): exit code 143, no traceback, no lock left behind."""
-    import shutil
     import signal
     import time
 
@@ -238,7 +238,6 @@ def test_sigterm_releases_the_lock(run_dir, tmp_path):
 def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_path):
     """``--coordinator_address`` on 127.0.0.1: 2 processes x 1 device report what 1 process
     x 2 devices (``--cpu_devices=2``) reports, point by point."""
-    import shutil
 
     flags = ["--suite=paper", "--num_examples=32", "--batch_size=16", "--unroll=1"]
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
@@ -260,7 +259,6 @@ def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, tmp_
     """SIGKILL an ``--suite=autoattack`` evaluation once its journal holds a few batches;
     the same command again finishes from there (taking over the dead process's lock) and
     writes what an uninterrupted evaluation writes."""
-    import shutil
     import signal
     import time
 

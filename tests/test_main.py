@@ -59,12 +59,10 @@ def test_main_runs_every_mode(tmp_path, mode, devices):
     assert f"{devices} devices" in proc.stderr
 
 
-def test_tensorboard_reads_the_event_file(tmp_path):
+def test_tensorboard_reads_the_event_file(tiny_run):
     from tensorboard.backend.event_processing import event_accumulator
 
-    workdir = str(tmp_path / "tb")
-    run_main("configs/sgd.py:digits", workdir, *TINY)
-    acc = event_accumulator.EventAccumulator(workdir)
+    acc = event_accumulator.EventAccumulator(tiny_run)
     acc.Reload()
     assert "train/loss" in acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("train/loss")] == [5, 10, 15, 20, 22]

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from samrobust.sam import sam
+from samrobust.sam import awp, layerwise_perturbation, sam
 
 RHO, LR, WD, MOM = 0.05, 0.1, 5e-4, 0.9
 
@@ -44,8 +44,22 @@ def _global_norm(tree):
     return np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in tree))
 
 
-def _hand_sam_sgd(grad, params, steps, rho=RHO, lr=LR, wd=WD, mom=MOM):
-    """Two-pass SAM then momentum SGD with decoupled-from-ascent weight decay.
+def _sam_e(g, w, rho):
+    n = _global_norm(g)
+    return [rho * gi / (n + 1e-12) for gi in g]
+
+
+def _awp_v(g, w, gamma):
+    """AWP: every array of >= 2 dimensions by gamma x its own norm; vectors unperturbed."""
+    return [
+        gamma * np.linalg.norm(wi) * gi / np.linalg.norm(gi) if wi.ndim > 1 else 0 * wi
+        for gi, wi in zip(g, w, strict=True)
+    ]
+
+
+def _hand_sam_sgd(grad, params, steps, rho=RHO, lr=LR, wd=WD, mom=MOM, perturb=_sam_e):
+    """Two-pass SAM (or another ``perturb(g, w, radius)``) then momentum SGD with
+    decoupled-from-ascent weight decay.
 
     ``params`` is a list of float64 arrays, ``grad(list) -> list``. Returns the iterates.
     """
@@ -54,8 +68,7 @@ def _hand_sam_sgd(grad, params, steps, rho=RHO, lr=LR, wd=WD, mom=MOM):
     out = []
     for _ in range(steps):
         g = grad(w)
-        n = _global_norm(g)
-        e = [rho * gi / (n + 1e-12) for gi in g]
+        e = perturb(g, w, rho)
         g_sam = grad([wi + ei for wi, ei in zip(w, e, strict=True)])
         d = [gs + wd * wi for gs, wi in zip(g_sam, w, strict=True)]  # add_decayed_weights
         m = [di + mom * mi for di, mi in zip(d, m, strict=True)]  # optax.trace (no nesterov)
@@ -108,6 +121,34 @@ def test_sam_matches_hand_two_pass_quadratic(jit):
     # The perturbation must matter: plain momentum SGD ends elsewhere.
     plain = _hand_sgd(_quad_grad_np, _leaves64(Q_W0), steps)[-1]
     assert max(np.max(np.abs(a - b)) for a, b in zip(want[-1], plain, strict=True)) > 1e-3
+
+
+def test_awp_matches_hand_layerwise_two_pass_quadratic():
+    steps, gamma = 5, 0.2
+    tx = optax.chain(awp(gamma), optax.add_decayed_weights(WD), optax.sgd(LR, momentum=MOM))
+    got = _run_tx(tx, jax.grad(_quad_loss), _as_jax(Q_W0), steps, jit=True)
+    want = _hand_sam_sgd(_quad_grad_np, _leaves64(Q_W0), steps, rho=gamma, perturb=_awp_v)
+    for g, w in zip(got, want, strict=True):
+        for k, wk in zip(KEYS, w, strict=True):
+            np.testing.assert_allclose(np.asarray(g[k]), wk, rtol=1e-6, atol=1e-6)
+    # Only the matrix "b" is perturbed: SAM's global ball ends elsewhere.
+    sam_end = _hand_sam_sgd(_quad_grad_np, _leaves64(Q_W0), steps, rho=gamma)[-1]
+    assert max(np.max(np.abs(a - b)) for a, b in zip(want[-1], sam_end, strict=True)) > 1e-3
+
+
+def test_awp_gamma_zero_is_the_plain_gradient_bitwise():
+    params, loss = _mlp_problem()
+    grad_fn = jax.grad(loss)
+    got = _run_tx(optax.chain(awp(0.0), optax.sgd(LR)), grad_fn, params, 1)
+    want = _run_tx(optax.sgd(LR), grad_fn, params, 1)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layerwise_perturbation_of_a_zero_gradient_is_zero():
+    params = {"k": jnp.ones((2, 3)), "b": jnp.ones((3,))}
+    v = layerwise_perturbation(jax.tree.map(jnp.zeros_like, params), params, 0.01)
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(v))
 
 
 def test_sam_rho_zero_is_plain_sgd():
@@ -348,10 +389,10 @@ def _dp_problem():
     return w, d, c
 
 
-def _dp_sam_updates(axis_name, rho):
+def _dp_sam_updates(axis_name, rho, tx=None):
     devices = _cpu_devices()
     w, d, c = _dp_problem()
-    tx = sam(rho, axis_name=axis_name)
+    tx = tx or sam(rho, axis_name=axis_name)
 
     def per_device(params, dd, cc):
         # loss_i(w) = 0.5 * sum(d_i (w - c_i)^2): different data on every device
@@ -394,6 +435,18 @@ def test_data_parallel_sam_matches_numpy(axis_name):
             np.testing.assert_allclose(np.asarray(mean[k][i]), avg, rtol=1e-5, atol=1e-6)
 
 
+def test_data_parallel_awp_perturbs_with_the_device_averaged_gradient():
+    gamma = 0.5
+    w, d, c, local, _ = _dp_sam_updates(None, gamma, tx=awp(gamma, axis_name="batch"))
+    grads = [[_np_grad(w, d, c, i, k) for k in KEYS] for i in range(N_DEV)]
+    gbar = [np.mean([g[j] for g in grads], axis=0) for j in range(len(KEYS))]
+    v = _awp_v(gbar, [w[k] for k in KEYS], gamma)
+    for i in range(N_DEV):
+        for j, k in enumerate(KEYS):
+            want = d[k][i] * (w[k] + v[j] - c[k][i])
+            np.testing.assert_allclose(np.asarray(local[k][i]), want, rtol=1e-5, atol=1e-6)
+
+
 def test_data_parallel_local_and_synced_differ():
     *_, local_none, _ = _dp_sam_updates(None, 0.5)
     *_, local_sync, _ = _dp_sam_updates("batch", 0.5)
@@ -407,6 +460,8 @@ def test_data_parallel_local_and_synced_differ():
 def test_negative_rho_raises():
     with pytest.raises(ValueError, match="rho"):
         sam(-0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        awp(-0.1)
 
 
 def test_a_constant_schedule_equals_its_float_radius():

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import at as at_config
 from configs import sam_at as sam_at_config
@@ -32,9 +33,14 @@ class TinyNet(nn.Module):
         return nn.Dense(3)(nn.relu(x))
 
 
-def test_sam_at_step_matches_independent_two_pass_computation():
-    """One sam_at step against PGD, SAM and momentum SGD written out by hand."""
-    config = digits_config(sam_at_config, rho=0.3, weight_decay=0.01, learning_rate=0.2)
+@pytest.mark.parametrize("perturbation", ["sam", "awp"])
+def test_adversarial_step_matches_independent_two_pass_computation(perturbation):
+    """One sam_at step (SAM) or at step with AWP against PGD, the weight perturbation and
+    momentum SGD written out by hand."""
+    if perturbation == "sam":
+        config = digits_config(sam_at_config, rho=0.3, weight_decay=0.01, learning_rate=0.2)
+    else:
+        config = digits_config(at_config, awp_gamma=0.3, weight_decay=0.01, learning_rate=0.2)
     config.attack.update(norm="linf", eps=0.1, step_size=0.04, steps=3)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
     model = TinyNet()
@@ -63,8 +69,17 @@ def test_sam_at_step_matches_independent_two_pass_computation():
         gz = jax.grad(lambda z: loss(params0, z)[0] * 8)(z)
         z = jnp.clip(x + jnp.clip(z + 0.04 * jnp.sign(gz) - x, -0.1, 0.1), 0, 1)
     (l0, stats1), g = jax.value_and_grad(loss, has_aux=True)(params0, z)
-    gnorm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
-    w_adv = jax.tree.map(lambda w, gi: w + 0.3 * gi / gnorm, params0, g)
+    if perturbation == "sam":  # one global ball of radius 0.3
+        gnorm = jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(g)))
+        w_adv = jax.tree.map(lambda w, gi: w + 0.3 * gi / gnorm, params0, g)
+    else:  # AWP: kernels only, each by 0.3 x its own norm
+        w_adv = jax.tree.map(
+            lambda w, gi: (
+                w + 0.3 * np.linalg.norm(w) * gi / np.linalg.norm(gi) if w.ndim > 1 else w
+            ),
+            params0,
+            g,
+        )
     g_sam = jax.grad(lambda p: loss(p, z)[0])(w_adv)
     # optax.sgd with momentum: buffer = g (first step); update = -lr * buffer.
     expected = jax.tree.map(lambda w, gi: w - 0.2 * (gi + 0.01 * w), params0, g_sam)
@@ -98,6 +113,33 @@ def test_per_device_and_synchronised_sam_differ_on_8_devices():
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True)
     )
     assert diff > 1e-5
+
+
+def test_at_with_awp_keeps_the_8_replicas_identical_and_moves_them():
+    mesh = parallel.default_mesh()
+    model = TinyNet()
+    x = jax.random.uniform(jax.random.key(1), (16, 2, 2, 1))
+    y = jnp.arange(16) % 3
+    options = StepOptions(attack=attacks.PGDSpec("linf", 0.1, 0.04, 2))
+    results = []
+    for gamma in (0.0, 0.5):
+        config = digits_config(at_config, awp_gamma=gamma)
+        tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10))
+        state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+        new_state, _ = make_train_step(model.apply, tx, options, mesh)(
+            state, x, y, jax.random.key(3)
+        )
+        for leaf in jax.tree.leaves(new_state.params):
+            replicas = [np.asarray(s.data) for s in leaf.addressable_shards]
+            assert len(replicas) == 8
+            for r in replicas[1:]:
+                np.testing.assert_array_equal(r, replicas[0])
+        results.append(jax.device_get(new_state.params))
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True)
+    )
+    assert diff > 1e-5  # the perturbation changes the update
 
 
 def test_augment_crop_and_flip():
