@@ -73,12 +73,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # relative radius gamma (0.005 in AT-AWP, 0 = off); mode at only (sam_at perturbs the
     # weights already).
     config.awp_gamma = 0.0
+    # Weight averaging: an exponential moving average of the weights (and BatchNorm
+    # statistics), ema <- d * ema + (1 - d) * w after every step (0 = off; e.g. 0.999). It
+    # is checkpointed, and validation, the best checkpoint, the final evaluation and
+    # samrobust.evaluate use it.
+    config.ema_decay = 0.0
 
     # Evaluation during training: every N epochs (0 = off) clean and PGD accuracy on the
     # validation split (the test split when val_examples = 0); keeps the best checkpoint by
     # robust accuracy. val_attack fields left None take the run's own AT budget in at/sam_at
     # modes, else Linf 2/255, step 0.5/255, PGD-10.
     config.eval_every_epochs = 0
+    # Catastrophic-overfitting guard (fast AT, e.g. FGSM with a random start:
+    # --config.attack.steps=1 --config.attack.step_size=0.0392): stop training when the
+    # validation robust accuracy falls more than this below its best (0 = off; 0.2 is the
+    # fast-AT reference's early stop) and evaluate the best checkpoint. Needs
+    # eval_every_epochs.
+    config.stop_on_collapse = 0.0
     config.val_attack = ml_collections.ConfigDict()
     config.val_attack.norm = ml_collections.config_dict.placeholder(str)
     config.val_attack.eps = ml_collections.config_dict.placeholder(float)

@@ -18,6 +18,7 @@ tensorflow.
 import argparse
 import collections
 import datetime
+import functools
 import glob
 import gzip
 import json
@@ -46,6 +47,17 @@ from samrobust.step import create_train_state, make_train_step, sam_groups, step
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+MODES = ("sgd", "sam", "at", "sam_at")
+# The other methods, as (mode, config overrides), for their step cost vs SGD's. Late SAM
+# is timed before its start (its plain steps: the second pass must not run).
+VARIANTS = {
+    "sam_random0.5": ("sam", {"sam_probability": 0.5}),
+    "sam_late_before_start": ("sam", {"sam_start_fraction": 0.7}),
+    "at_awp": ("at", {"awp_gamma": 0.005}),
+    "trades": ("at", {"at_loss": "trades"}),
+    "mart": ("at", {"at_loss": "mart"}),
+    "fgsm_rs": ("at", {"attack.steps": 1, "attack.step_size": 10 / 255}),
+}
 
 
 def timed(fn, *args, repeats: int) -> tuple[float, float]:
@@ -96,18 +108,22 @@ def forward_flops(model, image_shape=(32, 32, 3)) -> int:
     return total
 
 
-def model_flops_per_step(model, mode: str, args) -> int:
+def model_flops_per_step(model, mode: str, args) -> int | None:
     """Model FLOPs of one train step: a forward+backward pass counts 3 forwards, a PGD step
-    (forward + input gradient) 2."""
+    (forward + input gradient) 2. None for the variants."""
+    if mode not in MODES:
+        return None
     k = args.pgd_steps
     passes = {"sgd": 3, "sam": 6, "at": 3 + 2 * k, "sam_at": 6 + 2 * k}[mode]
     return passes * forward_flops(model) * args.batch
 
 
-def train_setup(args, mode: str):
-    """``samrobust.main``'s train step for ``mode``, compiled on all devices, with a state and
-    a batch: ``(compiled, state, (images, labels, key), compile_s)``."""
+def train_setup(args, name: str):
+    """``samrobust.main``'s train step for the mode or variant ``name``, compiled on all
+    devices, with a state and a batch: ``(compiled, state, (images, labels, key),
+    compile_s)``."""
     config = default_config.get_config(None if args.recipe == "paper" else args.recipe)
+    mode, overrides = VARIANTS.get(name, (name, {}))
     config.update(
         mode=mode,
         model=args.model,
@@ -116,6 +132,9 @@ def train_setup(args, mode: str):
         half_precision=args.half_precision,
     )
     config.attack.steps = args.pgd_steps
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        setattr(functools.reduce(getattr, path, config), last, value)
     mesh = parallel.default_mesh()
     model = bench_model(args)
     grouped = sam_groups(config, mesh.size) > 1
@@ -164,7 +183,7 @@ def bench_train(args, mode: str) -> dict:
         "step_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
     }
     peak = peak_tflops()
-    if peak:
+    if peak and out["model_flops_per_step"]:
         out["mfu"] = out["model_flops_per_step"] / step_s / (peak * 1e12)
     return out
 
@@ -417,7 +436,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--modes", default="sgd,sam,at,sam_at")
+    p.add_argument(
+        "--modes",
+        default="sgd,sam,at,sam_at",
+        help=f"train-step modes: any of {', '.join(MODES + tuple(VARIANTS))}",
+    )
     p.add_argument("--pgd_steps", type=int, default=10)
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
@@ -431,7 +454,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--cpu_devices", type=int, default=None, help=parallel.CPU_DEVICES_HELP)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES) - set(VARIANTS))
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; known: {', '.join(MODES + tuple(VARIANTS))}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -460,22 +487,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "sam": 2.05,
                 "at": 1.05 * (args.pgd_steps + 1),
                 "sam_at": 1.05 * (args.pgd_steps + 2),
-            }[r["mode"]]
+            }.get(r["mode"])
         result["train"] = rows
         print(
             f"\n{result['device']}, {args.model} width {args.width}, batch {args.batch}, "
             f"PGD-{args.pgd_steps}, {'bf16' if args.half_precision else 'f32'}"
         )
         print(
-            f"{'mode':8}{'img/s':>10}{'step ms':>10}{'x SGD':>8}{'target':>8}"
+            f"{'mode':22}{'img/s':>10}{'step ms':>10}{'x SGD':>8}{'target':>8}"
             f"{'compile s':>11}{'temp MiB':>10}{'MFU':>7}"
         )
         for r in rows:
             mem = f"{r['step_temp_bytes'] / 2**20:.0f}" if r["step_temp_bytes"] else "-"
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             print(
-                f"{r['mode']:8}{r['images_per_s']:10.1f}{r['step_ms']:10.2f}"
-                f"{r.get('vs_sgd', float('nan')):8.2f}{r['target_vs_sgd']:8.2f}"
+                f"{r['mode']:22}{r['images_per_s']:10.1f}{r['step_ms']:10.2f}"
+                f"{r.get('vs_sgd', float('nan')):8.2f}{r['target_vs_sgd'] or float('nan'):8.2f}"
                 f"{r['compile_s']:11.1f}{mem:>10}{mfu:>7}"
             )
     if "profile" in sections:

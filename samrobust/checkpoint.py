@@ -54,6 +54,8 @@ ADDED_KEYS = {
     "sam_start_fraction": 0.0,
     "sam_probability": 1.0,
     "awp_gamma": 0.0,
+    "ema_decay": 0.0,
+    "stop_on_collapse": 0.0,
 }
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"

@@ -102,6 +102,7 @@ def _check_recipe(config: ml_collections.ConfigDict, num_devices: int, check: Ch
     )
     check(config.at_beta >= 0, "at_beta", "must be >= 0", "6.0")
     check(config.awp_gamma >= 0, "awp_gamma", "must be >= 0", "0.005")
+    check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1) (0 = off)", "0.999")
     check(
         not config.awp_gamma or config.mode == "at",
         "awp_gamma",
@@ -163,6 +164,13 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int, check: Check
     )
     check(config.val_examples >= 0, "val_examples", "must be >= 0 (0 = none)", "1000")
     check(config.eval_every_epochs >= 0, "eval_every_epochs", "must be >= 0 (0 = off)", "5")
+    check(0 <= config.stop_on_collapse < 1, "stop_on_collapse", "must be in [0, 1)", "0.2")
+    check(
+        not config.stop_on_collapse or config.eval_every_epochs,
+        "stop_on_collapse",
+        "the guard watches validation: add --config.eval_every_epochs=1",
+        "0",
+    )
     v = config.val_attack
     check(
         v.norm is None or v.norm in attacks.NORMS,

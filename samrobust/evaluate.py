@@ -237,6 +237,7 @@ def _evaluate(
         "workdir": os.fspath(paths.path(run.workdir)),
         "step": run.step,
         "checkpoint": FLAGS.checkpoint,
+        "weights": run.weights,
         "mode": config["mode"],
         "dataset": ds.name,
         "model": config["model"],

@@ -19,6 +19,7 @@ from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
 from samrobust.errors import UserError
 from samrobust.parallel import default_mesh
 from samrobust.robustness import ApplyFn, model_logits_fn
+from samrobust.step import evaluation_variables
 
 
 class EvaluationError(UserError, RuntimeError):
@@ -33,8 +34,13 @@ class Run:
     config: dict[str, Any]
     step: int
     logits_fn: ApplyFn
-    variables: Any
+    variables: Any  # the weight average of a run with config.ema_decay, else the weights
     dataset: input_pipeline.Dataset
+
+    @property
+    def weights(self) -> str:
+        """Which weights ``variables`` holds: ``ema`` or ``trained``."""
+        return "ema" if self.config.get("ema_decay") else "trained"
 
 
 def parse_checkpoint(text: str) -> str | int:
@@ -48,7 +54,7 @@ def parse_checkpoint(text: str) -> str | int:
 
 def _restore(workdir: str, mesh: Mesh, checkpoint: str | int) -> tuple[int, dict[str, Any]]:
     """(step, ``{"params", "batch_stats"}``) of checkpoint ``best``, ``latest`` or a step,
-    replicated on ``mesh``."""
+    replicated on ``mesh``: the weight average where the run kept one."""
     kind = "best" if checkpoint == "best" else "latest"
     directory = checkpoint_dir(workdir, kind)
     if kind == "best":
@@ -78,7 +84,7 @@ def _restore(workdir: str, mesh: Mesh, checkpoint: str | int) -> tuple[int, dict
     if found is None:
         raise missing
     step, state = found
-    return step, {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return step, evaluation_variables(state)
 
 
 def load_run(

@@ -11,6 +11,7 @@ device sees its own slice of the global batch).
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -33,6 +34,32 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
 
 
+class EMATrainState(TrainState):
+    """A train state with an exponential moving average of the weights
+    (``config.ema_decay``): ``ema = {"params", "batch_stats"}``, what evaluation uses."""
+
+    ema: Any
+
+
+def evaluation_variables(state: TrainState | Mapping[str, Any]) -> dict[str, Any]:
+    """The variables evaluation uses: the weight average of a state (or a checkpoint's
+    state dict) that holds one, else its weights."""
+    get = state.get if isinstance(state, Mapping) else lambda k: getattr(state, k, None)
+    ema = get("ema")
+    return (
+        dict(ema)
+        if ema is not None
+        else {"params": get("params"), "batch_stats": get("batch_stats")}
+    )
+
+
+def reset_ema(state: TrainState) -> TrainState:
+    """The state with its weight average (if it has one) set to its weights."""
+    if not isinstance(state, EMATrainState):
+        return state
+    return state.replace(ema={"params": state.params, "batch_stats": state.batch_stats})
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
     """The static parts of the train step."""
@@ -44,6 +71,7 @@ class StepOptions:
     sam_groups: int = 1  # SAM perturbations per device (m-sharpness within a device)
     at_loss: str = "ce"  # ce (Madry) | trades | mart: the loss of the AT modes
     at_beta: float = 6.0  # TRADES / MART weight of the KL term
+    ema_decay: float = 0.0  # weight averaging: ema <- d * ema + (1 - d) * new weights
 
 
 def step_options(config: ml_collections.ConfigDict) -> StepOptions:
@@ -59,6 +87,7 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
         sam_groups=sam_groups(config, jax.device_count()),
         at_loss=config.at_loss if uses_attack(config.mode) else "ce",
         at_beta=config.at_beta,
+        ema_decay=config.ema_decay,
     )
 
 
@@ -165,6 +194,11 @@ def train_step(
         batch_stats=jax.lax.pmean(batch_stats, AXIS),
         opt_state=opt_state,
     )
+    if options.ema_decay:
+        d = options.ema_decay
+        new = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+        ema = jax.tree.map(lambda e, w: d * e + (1 - d) * w, state.ema, new)
+        new_state = new_state.replace(ema=ema)
     return new_state, jax.lax.pmean(metrics, AXIS)
 
 
@@ -181,18 +215,27 @@ def make_train_step(apply_fn: Any, tx: Any, options: StepOptions, mesh: Mesh):
 
 
 def create_train_state(
-    key: jax.Array, model: Any, tx: Any, image_shape: tuple[int, ...], mesh: Mesh
+    key: jax.Array,
+    model: Any,
+    tx: Any,
+    image_shape: tuple[int, ...],
+    mesh: Mesh,
+    ema: bool = False,
 ) -> TrainState:
-    """Initial state, replicated over ``mesh``."""
+    """Initial state, replicated over ``mesh``; with ``ema``, an :class:`EMATrainState`
+    whose average starts at the initial weights."""
 
     def init(key):
         variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
         params = variables["params"]
-        return TrainState(
+        state = TrainState(
             step=jnp.zeros([], jnp.int32),
             params=params,
             batch_stats=variables.get("batch_stats", {}),
             opt_state=tx.init(params),
         )
+        if ema:
+            state = reset_ema(EMATrainState(**vars(state), ema=None))
+        return state
 
     return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)

@@ -43,11 +43,13 @@ from samrobust.preemption import PreemptedError, Preemption
 from samrobust.step import (
     TrainState,
     create_train_state,
+    evaluation_variables,
     make_train_step,
+    reset_ema,
     sam_groups,
     step_options,
 )
-from samrobust.validation import Validator
+from samrobust.validation import Validator, read_collapse, write_collapse
 from samrobust.workdir import WorkdirLock
 
 
@@ -152,25 +154,41 @@ def _train_and_evaluate(
             )
             resources.callback(validator.checkpointer.close)
         step_fn = make_train_step(setup.model.apply, tx, step_options(config), setup.mesh)
-        state = _train_loop(
-            setup,
-            state,
-            step_fn,
-            step_key,
-            lr_fn,
-            timing,
-            ckpt,
-            writer,
-            validator,
-            preemption,
-            check_lock,
-        )
+        collapse = read_collapse(workdir) if validator is not None else None
+        if collapse is None:
+            state, collapse = _train_loop(
+                setup,
+                state,
+                step_fn,
+                step_key,
+                lr_fn,
+                timing,
+                ckpt,
+                writer,
+                validator,
+                preemption,
+                check_lock,
+            )
+        if collapse is not None:  # evaluate the best checkpoint, from before the collapse
+            logging.warning(
+                "catastrophic overfitting: validation robust accuracy %.4f at step %d, %.4f "
+                "at step %d; training stopped there and the best checkpoint (step %d) is "
+                "evaluated",
+                collapse["val_robust"],
+                collapse["step"],
+                collapse["best_val_robust"],
+                collapse["best_step"],
+                collapse["best_step"],
+            )
+            state, _ = validator.checkpointer.restore(state, step=collapse["best_step"])
         if jax.process_count() > 1:  # every process must hold the same replica
             multihost_utils.assert_equal(
                 jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state.params),
                 "parameter replicas differ across processes",
             )
         results, masks = _final_evaluation(setup, state, timing, validator, writer)
+        if collapse is not None:
+            results["collapse"] = collapse
         if setup.is_chief:
             check_lock()
             out = paths.path(workdir)
@@ -210,7 +228,9 @@ def _initial_state(
     """The latest readable checkpoint's state, or a fresh one (with the model's
     data-dependent initialisation, if it has one); the earlier segments' timing."""
     ds, mesh = setup.ds, setup.mesh
-    state = create_train_state(key, setup.model, tx, ds.image_shape, mesh)
+    state = create_train_state(
+        key, setup.model, tx, ds.image_shape, mesh, ema=bool(setup.config.ema_decay)
+    )
     restored = ckpt.restore(state)
     if restored is not None:
         state, extras = restored
@@ -219,7 +239,7 @@ def _initial_state(
         # fast_cifar's whitening layer, from a fixed stratified subset of the train split.
         sample = input_pipeline.eval_subset(ds.train_labels, min(5000, len(ds.train_labels)))
         params = models.init_from_data(state.params, ds.train_images[sample], ds.mean, ds.std)
-        state = state.replace(params=parallel.replicate(params, mesh))
+        state = reset_ema(state.replace(params=parallel.replicate(params, mesh)))
     return state, _Timing()
 
 
@@ -255,10 +275,11 @@ def _train_loop(
     validator: Validator | None,
     preemption: Preemption,
     check_lock: Callable[[], None],
-) -> TrainState:
+) -> tuple[TrainState, dict[str, Any] | None]:
     """Steps from ``state.step`` to the end: logs, checkpoints, validates; stops with a
     checkpoint on a signal (``PreemptedError``) or a non-finite loss
-    (``TrainingDivergedError``)."""
+    (``TrainingDivergedError``), and on catastrophic overfitting
+    (``config.stop_on_collapse``; returns the collapse record with the state)."""
     config, total_steps = setup.config, setup.total_steps
     start_step = int(state.step)
     batches = input_pipeline.prefetch(
@@ -300,6 +321,14 @@ def _train_loop(
             seconds = validator(step, state, writer)
             if t_last is not None:  # evaluation is not training time
                 t_last += seconds
+            collapse = config.stop_on_collapse and validator.collapsed(config.stop_on_collapse)
+            if collapse:
+                check_lock()
+                if not ckpt_due:
+                    ckpt.save(step, state, force=True, extras=timing.extras())
+                if setup.is_chief:
+                    write_collapse(setup.workdir, collapse)
+                return state, collapse
         if stop:
             raise PreemptedError(
                 f"stopped by {signal.Signals(preemption.exit_code - 128).name} at step {step} "
@@ -307,7 +336,7 @@ def _train_loop(
                 "command to resume",
                 preemption.exit_code,
             )
-    return state
+    return state, None
 
 
 def _fetch_metrics(
@@ -372,7 +401,7 @@ def _final_evaluation(
     def test_suite(state: TrainState) -> dict[str, Any]:
         return robustness.pgd_suite(
             robustness.model_logits_fn(setup.model.apply),
-            {"params": state.params, "batch_stats": state.batch_stats},
+            evaluation_variables(state),
             test_images,
             test_labels,
             specs=[
@@ -398,6 +427,7 @@ def _final_evaluation(
         "val_examples": ds.num_val,
         "test_examples": len(test_labels),
         "test_subset": test_subset,
+        "weights": "ema" if config.ema_decay else "trained",  # which weights were evaluated
         "accuracy": report["accuracy"],
         "eval_images_per_s": report["images_per_s"],
     }

@@ -31,6 +31,7 @@ def test_at_config_defaults_are_the_papers():
         ({"sam_probability": 0.0}, "config.sam_probability = 0.0"),
         ({"at_loss": "hinge"}, "config.at_loss = 'hinge'"),
         ({"lock_stale_after_s": 0.0}, "config.lock_stale_after_s = 0.0"),
+        ({"ema_decay": 1.0}, "config.ema_decay = 1.0: must be in"),
         ({"awp_gamma": -0.01}, "config.awp_gamma = -0.01: must be >= 0"),
         ({"awp_gamma": 0.005}, "AWP perturbs the weights of adversarial training"),
     ],

@@ -15,6 +15,7 @@ from samrobust.step import (
     StepOptions,
     augment,
     create_train_state,
+    evaluation_variables,
     make_train_step,
     sam_groups,
     step_options,
@@ -140,6 +141,48 @@ def test_at_with_awp_keeps_the_8_replicas_identical_and_moves_them():
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True)
     )
     assert diff > 1e-5  # the perturbation changes the update
+
+
+def test_the_weight_average_follows_its_formula():
+    config = digits_config(at_config, mode="sgd", ema_decay=0.8)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
+    model = TinyNet()
+    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 10))
+    state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh, ema=True)
+    step = make_train_step(model.apply, tx, step_options(config), mesh)
+    x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
+    y = jnp.arange(8) % 3
+    want = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    for _ in range(3):
+        state, _ = step(state, x, y, jax.random.key(2))
+        new = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        want = jax.tree.map(lambda e, w: 0.8 * e + 0.2 * w, want, new)
+    for got, w in zip(jax.tree.leaves(state.ema), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(
+        evaluation_variables(state)["params"]["Dense_0"]["kernel"],
+        state.ema["params"]["Dense_0"]["kernel"],
+    )
+
+
+def test_late_sam_before_its_start_is_the_sgd_step_bitwise():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
+    model = TinyNet()
+    x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
+    y = jnp.arange(8) % 3
+    results = []
+    for overrides in ({"mode": "sgd"}, {"mode": "sam", "rho": 0.5, "sam_start_fraction": 0.5}):
+        config = digits_config(at_config, **overrides)
+        tx = optim.create_optimizer(
+            config, optim.learning_rate_schedule(config, 10), total_steps=10
+        )
+        state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+        step = make_train_step(model.apply, tx, step_options(config), mesh)
+        for _ in range(2):
+            state, _ = step(state, x, y, jax.random.key(2))
+        results.append(jax.device_get(state.params))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_augment_crop_and_flip():

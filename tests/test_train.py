@@ -63,3 +63,71 @@ def test_training_on_digits_never_imports_tensorflow():
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_weight_average_is_checkpointed_and_is_what_every_evaluation_uses(tmp_path):
+    from samrobust import input_pipeline, parallel, robustness, runs
+
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(digits_config(ema_decay=0.9), workdir)
+    assert results["weights"] == "ema"
+    state = load_checkpoint(workdir)
+    gap = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(state["ema"]["params"]), jax.tree.leaves(state["params"]), strict=True
+        )
+    )
+    assert gap > 1e-4  # the average is not the weights
+    run = runs.load_run(workdir)
+    assert run.weights == "ema"
+    for got, want in zip(
+        jax.tree.leaves(run.variables), jax.tree.leaves(state["ema"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    # The final evaluation's clean accuracy is the average's.
+    images, labels, _ = input_pipeline.evaluation_points(run.dataset, 64)
+    mesh = parallel.default_mesh()
+    clean = robustness.correctness(
+        robustness.make_correct_fn(run.logits_fn, None, mesh),
+        run.variables,
+        images,
+        labels,
+        jax.random.key(0),
+        batch_size=64,
+        mesh=mesh,
+    )
+    assert float(clean.mean()) == results["accuracy"]["clean"]
+
+
+def test_a_collapsing_fast_at_run_stops_and_evaluates_its_pre_collapse_checkpoint(tmp_path):
+    """FGSM-RS on the digits with a learning rate that grows 60x in the second half: the
+    validation PGD accuracy collapses (0.525 at step 38, 0.175 at step 57 when crafted)."""
+    from configs import at as at_config
+    from samrobust.validation import read_collapse
+
+    workdir = str(tmp_path / "run")
+    config = digits_config(
+        at_config,
+        num_epochs=4,
+        width=8,
+        val_examples=200,
+        eval_every_epochs=1,
+        stop_on_collapse=0.05,
+        learning_rate=0.1,
+        lr_schedule="triangle",
+        lr_triangle=(1.0, 0.5, 60.0),
+        **{"attack.eps": 0.05, "attack.step_size": 0.0625, "attack.steps": 1},
+    )
+    results = train.train_and_evaluate(config, workdir)
+    collapse = results["collapse"]
+    assert collapse == read_collapse(workdir)
+    assert collapse["best_step"] < collapse["step"] < 76  # stopped before the end
+    assert collapse["best_val_robust"] - collapse["val_robust"] > 0.05
+    assert results["total_steps"] == collapse["best_step"]  # the evaluated state is the best
+    assert results["validation"]["attack"]["steps"] == 10  # the guard watches PGD-10
+    assert int(load_checkpoint(workdir)["step"]) == collapse["step"]
+    # Running the command again (a scheduler's retry) trains no further.
+    again = train.train_and_evaluate(config, workdir)
+    assert again["collapse"] == collapse and again["accuracy"] == results["accuracy"]
+    assert int(load_checkpoint(workdir)["step"]) == collapse["step"]
