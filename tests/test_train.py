@@ -65,6 +65,7 @@ def test_training_on_digits_never_imports_tensorflow():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_the_weight_average_is_checkpointed_and_is_what_every_evaluation_uses(tmp_path):
     from samrobust import input_pipeline, parallel, robustness, runs
 
@@ -100,6 +101,7 @@ def test_the_weight_average_is_checkpointed_and_is_what_every_evaluation_uses(tm
     assert float(clean.mean()) == results["accuracy"]["clean"]
 
 
+@pytest.mark.slow
 def test_a_collapsing_fast_at_run_stops_and_evaluates_its_pre_collapse_checkpoint(tmp_path):
     """FGSM-RS on the digits with a learning rate that grows 60x in the second half: the
     validation PGD accuracy collapses (0.525 at step 38, 0.175 at step 57 when crafted)."""
