@@ -18,7 +18,6 @@ tensorflow.
 import argparse
 import collections
 import datetime
-import functools
 import glob
 import gzip
 import json
@@ -132,9 +131,7 @@ def train_setup(args, name: str):
         half_precision=args.half_precision,
     )
     config.attack.steps = args.pgd_steps
-    for key, value in overrides.items():
-        *path, last = key.split(".")
-        setattr(functools.reduce(getattr, path, config), last, value)
+    config.update_from_flattened_dict(overrides)
     mesh = parallel.default_mesh()
     model = bench_model(args)
     grouped = sam_groups(config, mesh.size) > 1

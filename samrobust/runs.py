@@ -19,7 +19,7 @@ from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
 from samrobust.errors import UserError
 from samrobust.parallel import default_mesh
 from samrobust.robustness import ApplyFn, model_logits_fn
-from samrobust.step import evaluation_variables
+from samrobust.step import evaluated_weights, evaluation_variables
 
 
 class EvaluationError(UserError, RuntimeError):
@@ -40,7 +40,7 @@ class Run:
     @property
     def weights(self) -> str:
         """Which weights ``variables`` holds: ``ema`` or ``trained``."""
-        return "ema" if self.config.get("ema_decay") else "trained"
+        return evaluated_weights(self.config)
 
 
 def parse_checkpoint(text: str) -> str | int:

@@ -33,6 +33,11 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
 
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The model's variables: ``{"params", "batch_stats"}``."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 class EMATrainState(TrainState):
     """A train state with an exponential moving average of the weights
@@ -44,20 +49,19 @@ class EMATrainState(TrainState):
 def evaluation_variables(state: TrainState | Mapping[str, Any]) -> dict[str, Any]:
     """The variables evaluation uses: the weight average of a state (or a checkpoint's
     state dict) that holds one, else its weights."""
-    get = state.get if isinstance(state, Mapping) else lambda k: getattr(state, k, None)
-    ema = get("ema")
-    return (
-        dict(ema)
-        if ema is not None
-        else {"params": get("params"), "batch_stats": get("batch_stats")}
-    )
+    if isinstance(state, Mapping):
+        return dict(state.get("ema") or {k: state[k] for k in ("params", "batch_stats")})
+    return dict(state.ema) if isinstance(state, EMATrainState) else state.variables
+
+
+def evaluated_weights(config: Mapping[str, Any]) -> str:
+    """Which weights evaluation uses for a run of ``config``: ``ema`` or ``trained``."""
+    return "ema" if config.get("ema_decay") else "trained"
 
 
 def reset_ema(state: TrainState) -> TrainState:
     """The state with its weight average (if it has one) set to its weights."""
-    if not isinstance(state, EMATrainState):
-        return state
-    return state.replace(ema={"params": state.params, "batch_stats": state.batch_stats})
+    return state.replace(ema=state.variables) if isinstance(state, EMATrainState) else state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +200,7 @@ def train_step(
     )
     if options.ema_decay:
         d = options.ema_decay
-        new = {"params": new_state.params, "batch_stats": new_state.batch_stats}
-        ema = jax.tree.map(lambda e, w: d * e + (1 - d) * w, state.ema, new)
+        ema = jax.tree.map(lambda e, w: d * e + (1 - d) * w, state.ema, new_state.variables)
         new_state = new_state.replace(ema=ema)
     return new_state, jax.lax.pmean(metrics, AXIS)
 

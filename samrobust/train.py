@@ -43,6 +43,7 @@ from samrobust.preemption import PreemptedError, Preemption
 from samrobust.step import (
     TrainState,
     create_train_state,
+    evaluated_weights,
     evaluation_variables,
     make_train_step,
     reset_ema,
@@ -321,8 +322,10 @@ def _train_loop(
             seconds = validator(step, state, writer)
             if t_last is not None:  # evaluation is not training time
                 t_last += seconds
-            collapse = config.stop_on_collapse and validator.collapsed(config.stop_on_collapse)
-            if collapse:
+            collapse = None
+            if config.stop_on_collapse:
+                collapse = validator.collapsed(config.stop_on_collapse)
+            if collapse is not None:
                 check_lock()
                 if not ckpt_due:
                     ckpt.save(step, state, force=True, extras=timing.extras())
@@ -427,7 +430,7 @@ def _final_evaluation(
         "val_examples": ds.num_val,
         "test_examples": len(test_labels),
         "test_subset": test_subset,
-        "weights": "ema" if config.ema_decay else "trained",  # which weights were evaluated
+        "weights": evaluated_weights(config),
         "accuracy": report["accuracy"],
         "eval_images_per_s": report["images_per_s"],
     }
