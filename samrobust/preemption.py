@@ -74,13 +74,36 @@ class PreemptedError(Exception):
         self.exit_code = exit_code
 
 
+_sigterm: int | None = None  # set by exit_on_sigterm's handler
+
+
 def exit_on_sigterm() -> None:
     """From now on SIGTERM raises ``SystemExit(143)`` in the main thread: ``with`` blocks
-    and ``finally`` clauses run (the workdir's lock is released) before the process ends."""
+    and ``finally`` clauses run (the workdir's lock is released) before the process ends.
+
+    Python ignores an exception raised inside ``__del__`` or a garbage-collector callback
+    (JAX runs one), so a signal landing there would be lost: long loops call
+    :func:`exit_if_signalled` between batches, which raises it again (and the ignored
+    ``SystemExit`` is not printed as if it were a bug).
+    """
 
     def handle(signum: int, frame: FrameType | None) -> None:
         del frame
+        global _sigterm
+        _sigterm = signum
         logging.warning("received SIGTERM: stopping")
         sys.exit(128 + signum)
 
+    def unraisable(info: Any) -> None:  # the lost exit, re-raised later: not a bug to print
+        if not isinstance(info.exc_value, SystemExit):
+            previous_hook(info)
+
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable
     signal.signal(signal.SIGTERM, handle)
+
+
+def exit_if_signalled() -> None:
+    """``SystemExit(143)`` if :func:`exit_on_sigterm`'s handler has run (a no-op otherwise)."""
+    if _sigterm is not None:
+        sys.exit(128 + _sigterm)

@@ -47,7 +47,7 @@ from etils import epath
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, parallel
+from samrobust import attacks, input_pipeline, parallel, preemption
 from samrobust import autoattack as aa
 from samrobust.attacks import PGDSpec, format_eps
 from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
@@ -157,6 +157,7 @@ def correctness(
         process_count=jax.process_count(),
     )
     for i, (x, y, _) in enumerate(batches):
+        preemption.exit_if_signalled()
         c = correct_fn(variables, *shard_batch(mesh, x, y), jax.random.fold_in(key, i))
         out.append(gather(c)[: len(images) - i * batch_size])
         n_correct += int(out[-1].sum())

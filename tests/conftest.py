@@ -44,6 +44,12 @@ def tiny_run(tmp_path_factory) -> str:
     return workdir
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The slow tests first: the workers start on the long ones and share out the quick ones
+    at the end, instead of one worker finishing a five-minute test while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)

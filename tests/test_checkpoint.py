@@ -6,12 +6,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
+from samrobust import preemption
 from samrobust.checkpoint import config_mismatch
 from samrobust.preemption import PreemptedError, Preemption
 from tests.helpers import (
@@ -154,6 +156,32 @@ def test_preemption_turns_a_signal_into_a_stop_and_restores_handlers():
         preemption.close()
     assert signal.getsignal(signal.SIGTERM) is before
     assert PreemptedError("x", 143).exit_code == 143
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_lost_in_a_destructor_still_stops_the_evaluation():
+    """Python ignores the handler's SystemExit when the signal lands in ``__del__`` (in a CI
+    run: JAX's garbage-collector callback, and the evaluation ran to its end); the next batch
+    boundary (``exit_if_signalled``) raises it again."""
+
+    class Dying:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+
+    before, hook, printed = signal.getsignal(signal.SIGTERM), sys.unraisablehook, []
+    sys.unraisablehook = printed.append  # what Python would print as "Exception ignored"
+    try:
+        preemption.exit_on_sigterm()
+        preemption.exit_if_signalled()  # no signal yet: nothing happens
+        Dying()  # the handler runs inside __del__: its SystemExit is ignored
+        assert not printed  # no bug to report
+        with pytest.raises(SystemExit) as stop:
+            preemption.exit_if_signalled()
+        assert stop.value.code == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        sys.unraisablehook = hook
+        preemption._sigterm = None
 
 
 def test_config_mismatch_names_changed_keys_but_not_resumable_ones():

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from samrobust import preemption
 from samrobust.attacks import (
     VALID_TOL,
     LogitsFn,
@@ -350,6 +351,7 @@ def run_cascade(
             run_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, si), j))
             n_batches = -(-len(todo) // cap)
             for bi in range(n_batches):
+                preemption.exit_if_signalled()
                 chunk = todo[bi * cap : (bi + 1) * cap]
                 fooled, adv, refused = _attack_batch(
                     fns, x, y, chunk, run_key, j, cap=cap, compact=compact, host_loop=host_loop
