@@ -120,7 +120,8 @@ def model_flops_per_step(model, mode: str, args) -> int | None:
 def train_setup(args, name: str):
     """``samrobust.main``'s train step for the mode or variant ``name``, compiled on all
     devices, with a state and a batch: ``(compiled, state, (images, labels, key),
-    compile_s)``."""
+    compile_s)``; ``compiled(count)`` is the program of update ``count`` (cheaper SAM has
+    two, picked on the host as in training)."""
     config = default_config.get_config(None if args.recipe == "paper" else args.recipe)
     mode, overrides = VARIANTS.get(name, (name, {}))
     config.update(
@@ -135,9 +136,9 @@ def train_setup(args, name: str):
     mesh = parallel.default_mesh()
     model = bench_model(args)
     grouped = sam_groups(config, mesh.size) > 1
-    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 1000), grouped)
+    tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 1000), grouped, 1000)
     state = create_train_state(jax.random.key(0), model, tx, (32, 32, 3), mesh)
-    step = make_train_step(model.apply, tx, step_options(config), mesh)
+    perturbs = optim.sam_perturbs(config, 1000)
     rng = np.random.default_rng(0)
     images, labels = parallel.shard_batch(
         mesh,
@@ -146,18 +147,31 @@ def train_setup(args, name: str):
     )
     key = jax.random.key(1)
     t = time.perf_counter()
-    compiled = step.lower(state, images, labels, key).compile()
-    return compiled, state, (images, labels, key), time.perf_counter() - t
+    programs = {
+        p: make_train_step(model.apply, tx, step_options(config), mesh, p)
+        .lower(state, images, labels, key)
+        .compile()
+        for p in ((None,) if perturbs is None else (False, True))
+    }
+    compile_s = time.perf_counter() - t
+
+    def compiled(count: int):
+        return programs[None if perturbs is None else perturbs(count)]
+
+    return compiled, state, (images, labels, key), compile_s
 
 
 def bench_train(args, mode: str) -> dict:
     """Step time, images/s, compile time, memory and MFU of ``mode``'s train step."""
     compiled, state, (images, labels, key), compile_s = train_setup(args, mode)
-    memory = compiled.memory_analysis()
+    memory = compiled(0).memory_analysis()
     model = bench_model(args)
+    count = 0
 
     def run(state):
-        return compiled(state, images, labels, key)[0]
+        nonlocal count
+        count += 1
+        return compiled(count - 1)(state, images, labels, key)[0]
 
     for _ in range(args.warmup):
         state = run(state)
@@ -220,7 +234,8 @@ def bench_profile(args, mode: str, steps: int = 5) -> dict:
     """Where ``mode``'s train step spends its time: a ``jax.profiler`` trace of ``steps``
     steps, XLA op time per step (summed over devices) grouped by :func:`op_kinds`, and the
     slowest ops. Made for XLA:CPU, whose trace names every op after its HLO instruction."""
-    compiled, state, batch, _ = train_setup(args, mode)
+    program, state, batch, _ = train_setup(args, mode)
+    compiled = program(0)  # the first update's program
     kinds = op_kinds(compiled.as_text())
     for _ in range(2):
         state = compiled(state, *batch)[0]

@@ -1,7 +1,7 @@
 """The optimiser of every mode: learning-rate schedules and the optax chain
 SAM or AWP -> mean over devices -> weight decay -> momentum SGD."""
 
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ import optax
 from samrobust import models
 from samrobust.config_check import uses_sam
 from samrobust.parallel import AXIS
-from samrobust.sam import awp, sam
+from samrobust.sam import awp, perturbs, sam
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -36,6 +36,26 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) 
     )
 
 
+def _sam_rho(config: ml_collections.ConfigDict, total_steps: int) -> optax.ScalarOrSchedule:
+    """SAM's radius: ``config.rho``, or 0 before ``config.sam_start_fraction`` of the steps."""
+    if not config.sam_start_fraction:
+        return config.rho
+    start = int(config.sam_start_fraction * total_steps)
+    return lambda count: jnp.where(count >= start, config.rho, 0.0)
+
+
+def sam_perturbs(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> Callable[[int], bool] | None:
+    """Cheaper SAM on the host: whether update ``count`` of :func:`create_optimizer`'s SAM
+    takes the second pass (``config.sam_start_fraction``, ``config.sam_probability``);
+    ``None`` when every update is alike (plain SAM, or no SAM)."""
+    if not uses_sam(config.mode) or (not config.sam_start_fraction and config.sam_probability == 1):
+        return None
+    rho = _sam_rho(config, total_steps)
+    return lambda count: bool(perturbs(count, rho, config.sam_probability, config.seed))
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict,
     learning_rate: optax.ScalarOrSchedule,
@@ -52,17 +72,14 @@ def create_optimizer(
     With ``grouped=True`` (:func:`sam_groups`) SAM takes per-group gradients. Cheaper SAM:
     ``config.sam_start_fraction`` (of ``total_steps``) runs plain steps before it, and
     ``config.sam_probability`` makes each step SAM with that probability; the second pass is
-    skipped on the other steps (``lax.cond``).
+    skipped on the other steps (``lax.cond``, or the train step's ``perturb`` from
+    :func:`sam_perturbs`).
     """
     parts = []
     if uses_sam(config.mode):
-        rho: Any = config.rho
-        if config.sam_start_fraction:
-            start = int(config.sam_start_fraction * total_steps)
-            rho = lambda count: jnp.where(count >= start, config.rho, 0.0)  # noqa: E731
         parts.append(
             sam(
-                rho,
+                _sam_rho(config, total_steps),
                 adaptive=config.adaptive,
                 axis_name=AXIS if config.sam_sync else None,
                 grouped=grouped,

@@ -137,13 +137,17 @@ def sam(
         the update count, the same on every device).
 
     Cheaper SAM with the cost really saved: when ``rho`` is a schedule or ``probability <
-    1``, the second pass runs under ``lax.cond`` only on the updates where the radius is > 0
-    and the draw says SAM; on the others the update is the incoming gradient (the gradient
+    1``, the second pass runs only on the updates where the radius is > 0 and the draw says
+    SAM (:func:`perturbs`); on the others the update is the incoming gradient (the gradient
     at ``w``), e.g. SAM in the last 30% of 1000 updates:
-    ``sam(lambda n: jnp.where(n >= 700, 0.1, 0.0))``.
+    ``sam(lambda n: jnp.where(n >= 700, 0.1, 0.0))``. Inside ``jit`` the choice is a
+    ``lax.cond``; on XLA:CPU that makes every step slower than the second pass it saves, so
+    a training loop should rather compile the step twice and pass ``perturb=True/False``
+    (decided by :func:`perturbs` on the host), as ``samrobust.train`` does.
 
     The update call needs ``params`` and the keyword ``grad_fn(params) -> grads``, the loss
-    gradient (same pytree structure as ``params``).
+    gradient (same pytree structure as ``params``); ``perturb`` (a Python bool, optional)
+    forces the choice.
     """
     if not callable(rho) and rho < 0:
         raise ValueError(f"sam: rho must be >= 0, got {rho}")
@@ -200,9 +204,26 @@ def awp(
     )
 
 
+def perturbs(
+    count: int | jax.Array,
+    radius_or_schedule: ScalarOrSchedule,
+    probability: float = 1.0,
+    seed: int = 0,
+) -> jax.Array:
+    """Whether update ``count`` of :func:`sam` (or :func:`awp`) perturbs: the radius at
+    ``count`` is > 0 and, with ``probability < 1``, the draw from ``seed`` and ``count``
+    says so. Evaluated on the host, it picks the program of the update's ``perturb=``."""
+    radius = radius_or_schedule(count) if callable(radius_or_schedule) else radius_or_schedule
+    active = jnp.asarray(radius) > 0
+    if probability < 1:
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        active &= jax.random.bernoulli(key, probability)
+    return active
+
+
 def _weight_perturbation(
     name: str,
-    perturb: Callable[[PyTree, PyTree, Any], PyTree],
+    weight_perturbation: Callable[[PyTree, PyTree, Any], PyTree],
     radius_or_schedule: ScalarOrSchedule,
     *,
     axis_name: str | None,
@@ -211,14 +232,14 @@ def _weight_perturbation(
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """The transformation :func:`sam` and :func:`awp` share: the update is ``grad_fn`` at
-    ``params + perturb(grads, params, radius)``; schedules and random skipping as in
-    :func:`sam`."""
+    ``params + weight_perturbation(grads, params, radius)``; schedules and random skipping as in
+    :func:`sam`, or the update's ``perturb`` keyword (a Python bool) decides."""
 
     def init_fn(params: PyTree) -> SAMState:
         del params
         return SAMState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    def update_fn(updates, state, params=None, *, grad_fn=None, perturb=None, **extra_args):
         del extra_args
         if params is None or grad_fn is None:
             raise ValueError(
@@ -229,7 +250,7 @@ def _weight_perturbation(
         radius = radius_or_schedule(state.count) if scheduled else radius_or_schedule
 
         def perturbed():
-            e_fn = lambda g, w: perturb(g, w, radius)  # noqa: E731
+            e_fn = lambda g, w: weight_perturbation(g, w, radius)  # noqa: E731
             if not grouped:
                 return _perturbed(grad_fn, updates, params, e_fn, axis_name)
             e = jax.vmap(lambda g: e_fn(g, params))(updates)
@@ -239,11 +260,10 @@ def _weight_perturbation(
         def plain():
             return jax.tree.map(lambda g: jnp.mean(g, axis=0), updates) if grouped else updates
 
-        if scheduled or probability < 1:
-            active = jnp.asarray(radius) > 0
-            if probability < 1:
-                key = jax.random.fold_in(jax.random.key(seed), state.count)
-                active &= jax.random.bernoulli(key, probability)
+        if perturb is not None:  # decided by the caller (e.g. on the host): no lax.cond
+            new_grads = perturbed() if perturb else plain()
+        elif scheduled or probability < 1:
+            active = perturbs(state.count, radius_or_schedule, probability, seed)
             try:  # eager (a concrete radius and draw): call only the branch taken
                 new_grads = perturbed() if bool(active) else plain()
             except jax.errors.ConcretizationTypeError:  # traced: lax.cond runs one branch

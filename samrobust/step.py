@@ -11,7 +11,7 @@ device sees its own slice of the global batch).
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -130,8 +130,12 @@ def train_step(
     apply_fn: Any,
     tx: optax.GradientTransformationExtraArgs,
     options: StepOptions,
+    perturb: bool | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One training step on this device's shard. Call inside a map over ``AXIS``."""
+    """One training step on this device's shard. Call inside a map over ``AXIS``.
+
+    ``perturb``: passed to SAM/AWP's update (True: the second pass, False: the plain
+    gradient; None: their own rule, see :func:`samrobust.sam.perturbs`)."""
     key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
     k_aug, k_attack = jax.random.split(key)
     x = augment(k_aug, images, options.crop_padding, options.flip)
@@ -190,7 +194,9 @@ def train_step(
         loss, logits = jnp.mean(group_losses), logits.reshape(-1, logits.shape[-1])
         batch_stats = jax.tree.map(lambda a: jnp.mean(a, axis=0), stats)
         sam_grad_fn = lambda p: jax.vmap(grad_fn)(p, *batch)  # noqa: E731
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=sam_grad_fn)
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params, grad_fn=sam_grad_fn, perturb=perturb
+    )
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     new_state = state.replace(
         step=state.step + 1,
@@ -205,16 +211,38 @@ def train_step(
     return new_state, jax.lax.pmean(metrics, AXIS)
 
 
-def make_train_step(apply_fn: Any, tx: Any, options: StepOptions, mesh: Mesh):
+def make_train_step(
+    apply_fn: Any, tx: Any, options: StepOptions, mesh: Mesh, perturb: bool | None = None
+):
     """``train_step`` over all devices of ``mesh``, jitted, with the state donated.
 
     Returns ``step(state, images, labels, key) -> (state, metrics)``; images and labels are
-    global arrays sharded over ``AXIS``, the state replicated.
+    global arrays sharded over ``AXIS``, the state replicated. ``perturb``: see
+    :func:`train_step`.
     """
-    step = functools.partial(train_step, apply_fn=apply_fn, tx=tx, options=options)
+    step = functools.partial(train_step, apply_fn=apply_fn, tx=tx, options=options, perturb=perturb)
     return parallel.sharded_jit(
         step, mesh, (P(), P(AXIS), P(AXIS), P()), (P(), P()), donate_argnums=0
     )
+
+
+def make_train_steps(
+    apply_fn: Any,
+    tx: Any,
+    options: StepOptions,
+    mesh: Mesh,
+    perturbs: Callable[[int], bool] | None = None,
+) -> Callable[[int], Callable]:
+    """The train step of update ``count`` (0 for the first): one program, or with
+    ``perturbs`` (cheaper SAM, :func:`samrobust.optim.sam_perturbs`) two, one with SAM's
+    second pass and one without, picked on the host by ``perturbs(count)``. Each compiles
+    on its first use. (A ``lax.cond`` in one program costs more than the pass it saves on
+    XLA:CPU: docs/performance.md.)"""
+    if perturbs is None:
+        step = make_train_step(apply_fn, tx, options, mesh)
+        return lambda count: step
+    steps = {p: make_train_step(apply_fn, tx, options, mesh, p) for p in (False, True)}
+    return lambda count: steps[perturbs(count)]
 
 
 def create_train_state(

@@ -38,14 +38,14 @@ from samrobust.checkpoint import (
 from samrobust.config_check import ConfigError, validate_config
 from samrobust.errors import UserError
 from samrobust.metrics import MetricWriter
-from samrobust.optim import create_optimizer, learning_rate_schedule
+from samrobust.optim import create_optimizer, learning_rate_schedule, sam_perturbs
 from samrobust.preemption import PreemptedError, Preemption
 from samrobust.step import (
     TrainState,
     create_train_state,
     evaluated_weights,
     evaluation_variables,
-    make_train_step,
+    make_train_steps,
     reset_ema,
     sam_groups,
     step_options,
@@ -154,7 +154,13 @@ def _train_and_evaluate(
                 config, setup.ds, setup.model.apply, setup.mesh, eval_key, workdir, config_dict
             )
             resources.callback(validator.checkpointer.close)
-        step_fn = make_train_step(setup.model.apply, tx, step_options(config), setup.mesh)
+        step_fn = make_train_steps(
+            setup.model.apply,
+            tx,
+            step_options(config),
+            setup.mesh,
+            sam_perturbs(config, setup.total_steps),
+        )
         collapse = read_collapse(workdir) if validator is not None else None
         if collapse is None:
             state, collapse = _train_loop(
@@ -267,7 +273,7 @@ def _announce(setup: _Setup, config_dict: dict[str, Any], start_step: int) -> No
 def _train_loop(
     setup: _Setup,
     state: TrainState,
-    step_fn: Callable,
+    step_fn: Callable[[int], Callable],
     step_key: jax.Array,
     lr_fn: optax.Schedule,
     timing: _Timing,
@@ -299,7 +305,7 @@ def _train_loop(
     eval_every = config.eval_every_epochs * setup.steps_per_epoch
     for step in range(start_step + 1, total_steps + 1):
         images, labels = parallel.shard_batch(setup.mesh, *next(batches))
-        state, metrics = step_fn(state, images, labels, step_key)
+        state, metrics = step_fn(step - 1)(state, images, labels, step_key)
         pending.append(metrics)
         stop = preemption.reached(step)
         log_due = step % config.log_every_steps == 0 or step == total_steps

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from samrobust.sam import awp, layerwise_perturbation, sam
+from samrobust.sam import awp, layerwise_perturbation, perturbs, sam
 
 RHO, LR, WD, MOM = 0.05, 0.1, 5e-4, 0.9
 
@@ -604,6 +604,27 @@ def test_a_radius_schedule_that_is_zero_early_skips_sam_until_it_starts():
         lambda p: tx.update(jax.grad(loss)(p), tx.init(p), p, grad_fn=jax.grad(loss))
     )
     assert "cond" in str(jaxpr(params))
+
+
+def test_perturbs_predicts_the_pass_on_the_host_and_perturb_forces_it_without_a_cond():
+    """What the train loop does for cheaper SAM: ``perturbs(count)`` on the host, then a
+    program compiled with ``perturb=True`` or ``False`` (no ``lax.cond``)."""
+    tx = sam(0.5, probability=0.5, seed=3)
+    _, used = _count_passes(tx, 40)
+    assert used == [bool(perturbs(n, 0.5, 0.5, 3)) for n in range(40)]
+    late = lambda n: jnp.where(n >= 3, 0.5, 0.0)  # noqa: E731
+    assert [bool(perturbs(n, late)) for n in range(6)] == [False] * 3 + [True] * 3
+    params, loss = _mlp_problem()
+    grad = jax.grad(loss)
+    sam_update = sam(0.5).update(grad(params), sam(0.5).init(params), params, grad_fn=grad)[0]
+    for forced, want in ((False, grad(params)), (True, sam_update)):
+        update = lambda p, forced=forced: tx.update(  # noqa: E731
+            grad(p), tx.init(p), p, grad_fn=grad, perturb=forced
+        )[0]
+        assert "cond" not in str(jax.make_jaxpr(update)(params))
+        got = jax.jit(update)(params)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("probability,lo,hi", [(1.0, 40, 40), (0.5, 12, 28), (0.0, 0, 0)])

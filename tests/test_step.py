@@ -17,6 +17,7 @@ from samrobust.step import (
     create_train_state,
     evaluation_variables,
     make_train_step,
+    make_train_steps,
     sam_groups,
     step_options,
 )
@@ -183,6 +184,31 @@ def test_late_sam_before_its_start_is_the_sgd_step_bitwise():
         results.append(jax.device_get(state.params))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cheaper_sam_chosen_on_the_host_matches_its_lax_cond():
+    """Randomised and late SAM in training: two programs picked per step by
+    ``optim.sam_perturbs`` give what one program with SAM's own ``lax.cond`` gives."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
+    model = TinyNet()
+    x = jax.random.uniform(jax.random.key(1), (8, 2, 2, 1))
+    y = jnp.arange(8) % 3
+    cheaper = {"sam_probability": 0.5, "seed": 1}, {"sam_start_fraction": 0.5}
+    assert optim.sam_perturbs(digits_config(at_config, mode="sam"), 6) is None
+    for overrides in cheaper:
+        config = digits_config(at_config, mode="sam", rho=0.5, **overrides)
+        perturbs = optim.sam_perturbs(config, 6)
+        assert {perturbs(n) for n in range(6)} == {False, True}  # both programs run
+        tx = optim.create_optimizer(config, optim.learning_rate_schedule(config, 6), total_steps=6)
+        results = []
+        for chooser in (perturbs, None):  # None: one program, SAM's own lax.cond
+            steps = make_train_steps(model.apply, tx, step_options(config), mesh, chooser)
+            state = create_train_state(jax.random.key(0), model, tx, (2, 2, 1), mesh)
+            for n in range(6):
+                state, _ = steps(n)(state, x, y, jax.random.key(2))
+            results.append(jax.device_get(state.params))
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_augment_crop_and_flip():
