@@ -45,9 +45,14 @@ def tiny_run(tmp_path_factory) -> str:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The slow tests first: the workers start on the long ones and share out the quick ones
-    at the end, instead of one worker finishing a five-minute test while the other idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Every worker starts on the slow tests and ends on the quick ones: pytest-xdist's
+    worksteal hands each worker a contiguous share of this order, and an idle worker steals
+    from the end of another's share. Here share w holds every n-th slow test, then every n-th
+    quick one, so no worker is left alone with a five-minute test at the end."""
+    n = getattr(config, "workerinput", {}).get("workercount", 1)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    quick = [item for item in items if not item.get_closest_marker("slow")]
+    items[:] = [item for w in range(n) for item in (*slow[w::n], *quick[w::n])]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -25,6 +25,9 @@ TINY = [
     "--config.attack.steps=2",
     "--config.eval_pgd_steps=2",
 ]
+# For tests of training itself, where the final evaluation is not what is tested: PGD with 0
+# steps (clean and random-start accuracies) compiles no attack, a quarter of a tiny run.
+TINY_TRAIN = [*TINY, "--config.eval_pgd_steps=0"]
 # The shared tiny run (``conftest.tiny_run``): 22 steps, a checkpoint every 5 and at 22, all kept.
 TINY_RUN = [*TINY, "--config.keep_checkpoints=20"]
 

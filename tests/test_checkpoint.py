@@ -17,8 +17,8 @@ from samrobust import preemption
 from samrobust.checkpoint import config_mismatch
 from samrobust.preemption import PreemptedError, Preemption
 from tests.helpers import (
-    TINY,
     TINY_RUN,
+    TINY_TRAIN,
     digits_config,
     load_checkpoint,
     run_main,
@@ -114,7 +114,7 @@ def _wait_for_metrics(workdir: str, proc: subprocess.Popen, timeout: float = 300
 
 
 # Checkpoints only at the end (every 1000 steps): what survives a signal is the signal's save.
-SIGNAL_OVERRIDES = [*TINY, "--config.num_epochs=3", "--config.checkpoint_every_steps=1000"]
+SIGNAL_OVERRIDES = [*TINY_TRAIN, "--config.num_epochs=3", "--config.checkpoint_every_steps=1000"]
 
 
 @pytest.fixture(scope="module")

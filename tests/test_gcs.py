@@ -22,7 +22,7 @@ from experiments.gcs_emulator import fake_gcs_server
 from samrobust import paths
 from samrobust.errors import UserError
 from samrobust.workdir import LOCK_NAME, WorkdirLock, WorkdirLockedError, _GcsLockFile
-from tests.helpers import TINY, load_checkpoint, run_main, run_module, start_main
+from tests.helpers import TINY_TRAIN, load_checkpoint, run_main, run_module, start_main
 
 BUCKET = "samrobust-test"
 
@@ -226,7 +226,7 @@ def test_image_folder_data_dir_in_the_bucket(gcs, tmp_path):
 
 # Preempted and resumed: 66 steps, metrics every 5; checkpoints at the signal and the end.
 RUN = f"gs://{BUCKET}/run"
-OVERRIDES = [*TINY, "--config.num_epochs=3", "--config.checkpoint_every_steps=1000"]
+OVERRIDES = [*TINY_TRAIN, "--config.num_epochs=3", "--config.checkpoint_every_steps=1000"]
 
 
 @pytest.fixture(scope="module")

@@ -211,6 +211,19 @@ def test_cheaper_sam_chosen_on_the_host_matches_its_lax_cond():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_initial_state_compiled_at_a_lower_level_has_the_default_bits():
+    """``create_train_state`` compiles at ``INIT_COMPILER_OPTIONS`` on the CPU (much faster);
+    the weights are those of the model's own jitted init."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (parallel.AXIS,))
+    model = TinyNet()
+    config = digits_config(at_config, mode="sgd")
+    tx = optim.create_optimizer(config, 0.1)
+    state = create_train_state(jax.random.key(3), model, tx, (2, 2, 1), mesh)
+    want = jax.jit(lambda k: model.init(k, jnp.zeros((1, 2, 2, 1)), train=False))(jax.random.key(3))
+    for a, b in zip(jax.tree.leaves(state.variables), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_augment_crop_and_flip():
     images = jnp.arange(2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 1)
     same = augment(jax.random.key(0), images, 0, False)
