@@ -65,6 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.attack.eps = 8 / 255
     config.attack.step_size = 2 / 255
     config.attack.steps = 5
+    # The random start's radius in units of eps, and whether every step is projected onto
+    # the eps ball. N-FGSM (de Jorge et al. 2022): steps 1, step_size = eps, start_scale 2,
+    # project False.
+    config.attack.start_scale = 1.0
+    config.attack.project = True
     # The AT modes' loss: ce (Madry: CE on the PGD examples), trades (CE on clean + at_beta
     # x KL(clean || adversarial), attack maximising the KL) or mart (samrobust.losses).
     config.at_loss = "ce"

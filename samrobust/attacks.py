@@ -205,6 +205,8 @@ def pgd(
     norm: str = "linf",
     random_start: bool = True,
     unroll: int | bool | None = None,
+    start_scale: float = 1.0,
+    project_to_ball: bool = True,
 ) -> jax.Array:
     """Returns the adversarial input ``x_adv`` found by ``steps`` steps of PGD.
 
@@ -217,6 +219,10 @@ def pgd(
       norm: ``"linf"`` or ``"l2"``.
       random_start: start from a random point of the ball instead of ``x``.
       unroll: ``lax.fori_loop`` unroll factor; ``None`` picks :func:`pgd_unroll`.
+      start_scale: the random start's radius in units of ``eps``.
+      project_to_ball: project onto the ``eps`` ball after every step (``False``: only onto
+        the image box ``[0, 1]``). N-FGSM (de Jorge et al. 2022) is one step of size ``eps``
+        from a start of scale 2, not projected: ``x_adv - x`` reaches ``3 eps``.
 
     The result carries no gradient (``stop_gradient``).
     """
@@ -224,13 +230,18 @@ def pgd(
     if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, step_size)):
         raise ValueError(f"pgd needs eps, step_size, steps >= 0; got {eps}, {step_size}, {steps}")
     x = jax.lax.stop_gradient(x)
-    delta = ball_start(key, x, eps, norm) if random_start else jnp.zeros_like(x)
-    delta = project(delta, x, eps, norm)
+    radius = start_scale * eps
+    delta = ball_start(key, x, radius, norm) if random_start else jnp.zeros_like(x)
+    if project_to_ball:
+        constrain = lambda d: project(d, x, eps, norm)  # noqa: E731
+    else:
+        constrain = lambda d: jnp.clip(x + d, 0.0, 1.0) - x  # noqa: E731
+    delta = constrain(delta)
     grad_fn = jax.grad(loss_fn)
 
     def body(_, d):
         g = grad_fn(x + d, y)
-        return project(d + step_size * ascent_direction(g, norm), x, eps, norm)
+        return constrain(d + step_size * ascent_direction(g, norm))
 
     unroll = pgd_unroll(steps) if unroll is None else unroll
     delta = jax.lax.fori_loop(0, steps, body, delta, unroll=unroll)
@@ -246,6 +257,8 @@ class PGDSpec:
     step_size: float
     steps: int = 10
     loss: str = "ce"
+    start_scale: float = 1.0  # the random start's radius / eps
+    project: bool = True  # onto the eps ball (False: N-FGSM's unprojected step)
 
     @property
     def name(self) -> str:
@@ -262,6 +275,8 @@ class PGDSpec:
             "step_size": self.step_size,
             "steps": self.steps,
             "random_start": True,
+            "start_scale": self.start_scale,
+            "projected": self.project,
         }
 
 

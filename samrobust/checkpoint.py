@@ -56,6 +56,8 @@ ADDED_KEYS = {
     "awp_gamma": 0.0,
     "ema_decay": 0.0,
     "stop_on_collapse": 0.0,
+    "attack.start_scale": 1.0,
+    "attack.project": True,
 }
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"

@@ -73,6 +73,7 @@ def _check_method(config: ml_collections.ConfigDict, check: Check) -> None:
     check(config.attack.eps >= 0, "attack.eps", "must be >= 0", "0.0314")
     check(config.attack.step_size >= 0, "attack.step_size", "must be >= 0", "0.0078")
     check(config.attack.steps >= 0, "attack.steps", "must be >= 0", "5")
+    check(config.attack.start_scale >= 0, "attack.start_scale", "must be >= 0", "2")
 
 
 def _check_recipe(config: ml_collections.ConfigDict, num_devices: int, check: Check) -> None:

@@ -82,7 +82,9 @@ def step_options(config: ml_collections.ConfigDict) -> StepOptions:
     attack = None
     if uses_attack(config.mode):
         a = config.attack
-        attack = attacks.PGDSpec(a.norm, a.eps, a.step_size, a.steps)
+        attack = attacks.PGDSpec(
+            a.norm, a.eps, a.step_size, a.steps, start_scale=a.start_scale, project=a.project
+        )
     return StepOptions(
         crop_padding=config.crop_padding,
         flip=config.flip,
@@ -177,6 +179,8 @@ def train_step(
             step_size=a.step_size,
             steps=a.steps,
             norm=a.norm,
+            start_scale=a.start_scale,
+            project_to_ball=a.project,
         )
 
     # SAM's ascent/descent gradients are fresh gradients of the loss: no attack leak.

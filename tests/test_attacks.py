@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from samrobust.attacks import (
+    ball_start,
     cross_entropy,
     cw_margin,
     dlr_loss,
@@ -75,6 +76,25 @@ def test_linf_reaches_analytic_worst_case(loss, random_start):
     adv_loss, clean_loss = _np_ce(logits_fn(want), y), _np_ce(logits_fn(x), y)
     np.testing.assert_allclose(_np_ce(logits_fn(np.asarray(x_adv)), y), adv_loss, rtol=1e-5)
     assert np.all(adv_loss > clean_loss)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_n_fgsm_is_one_unprojected_step_from_a_wider_start(project):
+    """N-FGSM (start_scale 2, one step of eps, no projection) on the linear model: exactly
+    ``x + noise - eps sign(w)``, up to 3 eps from x; projected, the same clipped to eps."""
+    logits_fn, x, y, w = _linear_problem()
+    eps, key = 0.05, jax.random.key(4)  # x in [0.3, 0.7]: the box stays inactive at 3 eps
+    kw = dict(eps=eps, step_size=eps, steps=1, norm="linf", start_scale=2.0)
+    x_adv = pgd(
+        input_loss(logits_fn), jnp.asarray(x), jnp.asarray(y), key, **kw, project_to_ball=project
+    )
+    noise = np.asarray(ball_start(key, jnp.asarray(x), 2 * eps, "linf"))
+    assert np.abs(noise).max() > 1.5 * eps  # the start is wider than the ball
+    want = noise - eps * np.sign(w)
+    if project:
+        want = np.clip(np.clip(noise, -eps, eps) - eps * np.sign(w), -eps, eps)
+    np.testing.assert_allclose(np.asarray(x_adv) - x, want, atol=1e-6)
+    assert (np.abs(np.asarray(x_adv) - x).max() > 1.5 * eps) != project
 
 
 @pytest.mark.parametrize("loss", ["ce", "cw"])

@@ -139,12 +139,13 @@ def test_the_evaluation_subset_of_a_class_sorted_folder_covers_every_class(tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CIFAR10_JPEG), reason="../shared/data not beside the repo")
 def test_training_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
-    """1,000 train and 200 test images of the shared CIFAR-10 JPEG copy, width 8, 20 epochs."""
+    """1,000 train and 200 test images of the shared CIFAR-10 JPEG copy, width 8, 10 epochs
+    (0.415 clean when written, 0.42 at 20)."""
     results = train_on_cifar10_slice(
         tmp_path,
         "configs/sgd.py",
         "--config.width=8",
-        "--config.num_epochs=20",
+        "--config.num_epochs=10",
         "--config.batch_size=64",
         "--config.eval_batch_size=100",
         "--config.eval_pgd_steps=0",

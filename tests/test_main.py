@@ -78,9 +78,15 @@ def test_cpu_devices_must_be_positive(tmp_path):
 
 @pytest.mark.slow
 def test_default_digits_run_learns(tmp_path):
-    """The README's first command: far above chance (10%) on the digits test split."""
+    """The README's first command: far above chance (10%) on the digits test split (its
+    final evaluation without PGD: the training is what is tested)."""
     workdir = str(tmp_path / "sam")
-    run_main("configs/sam.py:digits", workdir, "--config.eval_num_examples=120")
+    run_main(
+        "configs/sam.py:digits",
+        workdir,
+        "--config.eval_num_examples=120",
+        "--config.eval_pgd_steps=0",
+    )
     assert read_results(workdir)["accuracy"]["clean"] > 0.9
 
 
@@ -205,12 +211,12 @@ def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
 def test_fast_sam_recipe_on_a_slice_of_real_cifar10_beats_chance(tmp_path):
     """``configs/sam.py:fast`` (fast_cifar, whitening init, label smoothing, Nesterov,
     triangle schedule, SAM per group of 50) on 1,000 train and 200 test images of the
-    shared CIFAR-10 JPEG copy, width 16, 15 epochs."""
+    shared CIFAR-10 JPEG copy, width 16, 8 epochs (0.445 clean when written, 0.52 at 15)."""
     results = train_on_cifar10_slice(
         tmp_path,
         "configs/sam.py:fast",
         "--config.width=16",
-        "--config.num_epochs=15",
+        "--config.num_epochs=8",
         "--config.batch_size=100",
         "--config.sam_group_size=50",
         "--config.eval_batch_size=100",
