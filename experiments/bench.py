@@ -42,7 +42,13 @@ from samrobust import attacks, input_pipeline, models, optim, parallel, robustne
 from samrobust.autoattack.apgd import stage as apgd_stage
 from samrobust.autoattack.fab import stage as fab_stage
 from samrobust.autoattack.square import stage as square_stage
-from samrobust.step import create_train_state, make_train_step, sam_groups, step_options
+from samrobust.step import (
+    INIT_COMPILER_OPTIONS,
+    create_train_state,
+    make_train_step,
+    sam_groups,
+    step_options,
+)
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -384,6 +390,23 @@ def bench_eval(args) -> dict:
     return out
 
 
+def bench_init(args) -> dict:
+    """Compilation of the model's initialisation at XLA's default optimisation level and at
+    ``INIT_COMPILER_OPTIONS`` (what ``create_train_state`` uses on the CPU), and whether
+    both give the same weights."""
+    model = bench_model(args)
+    x = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    lowered = jax.jit(lambda k: model.init(k, x, train=False)).lower(jax.random.key(0))
+    out, weights = {}, []
+    for name, options in (("default", {}), ("init_options", INIT_COMPILER_OPTIONS)):
+        t = time.perf_counter()
+        compiled = lowered.compile(compiler_options=options)
+        out[f"{name}_compile_s"] = time.perf_counter() - t
+        weights.append(jax.tree.leaves(compiled(jax.random.key(0))))
+    out["same_weights"] = all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+    return out
+
+
 def bench_input(args) -> dict:
     """Host batches/s of the in-memory batcher (digits, and CIFAR-shaped arrays as tfds gives)."""
     out = {}
@@ -461,7 +484,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default="train,pgd,eval,input",
-        help="any of train,pgd,attack_steps,eval,input,profile (profile: XLA op time by kind)",
+        help="any of train,pgd,attack_steps,eval,input,init,profile (profile: XLA op time by "
+        "kind; init: compiling the initial weights)",
     )
     p.add_argument("--torch", action="store_true", help="also run the PyTorch reference")
     p.add_argument("--json", default=None, help="write the figures here")
@@ -545,6 +569,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "eval" in sections:
         result["eval"] = bench_eval(args)
         print("\nevaluation images/s:", {k: round(v, 1) for k, v in result["eval"].items()})
+    if "init" in sections:
+        result["init"] = bench_init(args)
+        print(
+            "\ninitialisation:",
+            {k: round(v, 1) if isinstance(v, float) else v for k, v in result["init"].items()},
+        )
     if "input" in sections:
         result["input"] = bench_input(args)
         print("input pipeline images/s:", {k: round(v) for k, v in result["input"].items()})

@@ -48,7 +48,7 @@ from etils import epath
 
 from samrobust import paths, reports
 from samrobust.autoattack import Budget
-from samrobust.checkpoint import flatten_config
+from samrobust.checkpoint import ADDED_KEYS, flatten_config
 from samrobust.runs import parse_checkpoint
 
 DEFAULT_ROBUST_KEY = "pgd10_ce_linf_2/255"
@@ -64,7 +64,14 @@ IGNORED_KEYS = frozenset(
     }
 )
 SAM_KEYS = ("rho", "adaptive", "sam_sync")
-ATTACK_KEYS = ("attack.norm", "attack.eps", "attack.step_size", "attack.steps")
+ATTACK_KEYS = (
+    "attack.norm",
+    "attack.eps",
+    "attack.step_size",
+    "attack.steps",
+    "attack.start_scale",
+    "attack.project",
+)
 # The method keys each mode uses; the others are dropped from its identity.
 MODE_KEYS = {
     "sgd": (),
@@ -101,7 +108,7 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
             metrics.update({f"{suite}:{k}": v for k, v in report["accuracy"].items()})
     return {
         "name": workdir.name,
-        "config": flatten_config(read_json(workdir / "config.json")),
+        "config": ADDED_KEYS | flatten_config(read_json(workdir / "config.json")),
         "metrics": metrics,
         "train_seconds": results["train_seconds"],
     }

@@ -227,8 +227,13 @@ def pgd(
     The result carries no gradient (``stop_gradient``).
     """
     check_norm(norm)
-    if steps < 0 or any(isinstance(v, (int, float)) and v < 0 for v in (eps, step_size)):
-        raise ValueError(f"pgd needs eps, step_size, steps >= 0; got {eps}, {step_size}, {steps}")
+    if steps < 0 or any(
+        isinstance(v, (int, float)) and v < 0 for v in (eps, step_size, start_scale)
+    ):
+        raise ValueError(
+            f"pgd needs eps, step_size, steps, start_scale >= 0; got {eps}, {step_size}, "
+            f"{steps}, {start_scale}"
+        )
     x = jax.lax.stop_gradient(x)
     radius = start_scale * eps
     delta = ball_start(key, x, radius, norm) if random_start else jnp.zeros_like(x)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from samrobust import models
@@ -53,7 +54,9 @@ def sam_perturbs(
     if not uses_sam(config.mode) or (not config.sam_start_fraction and config.sam_probability == 1):
         return None
     rho = _sam_rho(config, total_steps)
-    return lambda count: bool(perturbs(count, rho, config.sam_probability, config.seed))
+    draw = jax.vmap(lambda n: perturbs(n, rho, config.sam_probability, config.seed))
+    schedule = np.asarray(jax.jit(draw)(jnp.arange(total_steps)))  # once: no per-step sync
+    return lambda count: bool(schedule[count])
 
 
 def create_optimizer(

@@ -2,8 +2,9 @@
 
 Training (:class:`Preemption`) stops at the next step boundary with a checkpoint at that
 step and exits with ``128 + signal`` (:class:`PreemptedError`); the same command resumes.
-Evaluation (:func:`exit_on_sigterm`) unwinds at once, releasing the workdir's lock; its
-AutoAttack journal keeps the finished batches.
+Evaluation (:func:`exit_on_sigterm`) unwinds at once (or, when the signal lands where Python
+ignores exceptions, at the next batch), releasing the workdir's lock; its AutoAttack journal
+keeps the finished batches.
 """
 
 import signal
@@ -95,15 +96,19 @@ def exit_on_sigterm() -> None:
         sys.exit(128 + signum)
 
     def unraisable(info: Any) -> None:  # the lost exit, re-raised later: not a bug to print
-        if not isinstance(info.exc_value, SystemExit):
+        if not (_sigterm is not None and isinstance(info.exc_value, SystemExit)):
             previous_hook(info)
 
     previous_hook = sys.unraisablehook
-    sys.unraisablehook = unraisable
+    if getattr(previous_hook, "__qualname__", "") != unraisable.__qualname__:  # once
+        sys.unraisablehook = unraisable
     signal.signal(signal.SIGTERM, handle)
 
 
 def exit_if_signalled() -> None:
-    """``SystemExit(143)`` if :func:`exit_on_sigterm`'s handler has run (a no-op otherwise)."""
+    """``SystemExit(143)`` if :func:`exit_on_sigterm`'s handler has run (a no-op otherwise);
+    the signal counts once."""
+    global _sigterm
     if _sigterm is not None:
-        sys.exit(128 + _sigterm)
+        signum, _sigterm = _sigterm, None
+        sys.exit(128 + signum)

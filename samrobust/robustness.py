@@ -90,17 +90,26 @@ def make_correct_fn(
     """
     if spec is None:
         return functools.partial(
-            _correct_fn(logits_fn, None, None, None, None, mesh), eps=0.0, step_size=0.0
+            _correct_fn(logits_fn, None, None, None, None, mesh, 1.0, True), eps=0.0, step_size=0.0
         )
     return functools.partial(
-        _correct_fn(logits_fn, spec.norm, spec.steps, spec.loss, unroll, mesh),
+        _correct_fn(
+            logits_fn,
+            spec.norm,
+            spec.steps,
+            spec.loss,
+            unroll,
+            mesh,
+            spec.start_scale,
+            spec.project,
+        ),
         eps=spec.eps,
         step_size=spec.step_size,
     )
 
 
 @functools.lru_cache(maxsize=32)
-def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh):
+def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh, start_scale, project):
     def local(variables, x, y, key, eps, step_size):
         if norm is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
@@ -115,6 +124,8 @@ def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh):
                 steps=steps,
                 norm=norm,
                 unroll=unroll,
+                start_scale=start_scale,
+                project_to_ball=project,
             )
         return jnp.argmax(logits_fn(variables, x), axis=-1) == y
 

@@ -250,8 +250,8 @@ def make_train_steps(
 
 
 # XLA:CPU compiles the initial state at this level: LLVM's full optimisation of the
-# initialisers' unrolled PRNG code is most of a run's start (PreActResNet-18: 16 s of
-# compilation at the default, 3 s at level 1, the same bits).
+# initialisers' unrolled PRNG code is most of a small run's start, and level 1 gives the
+# same bits in a fraction of the time (`python -m experiments.bench --sections=init`).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

@@ -47,12 +47,17 @@ def tiny_run(tmp_path_factory) -> str:
 def pytest_collection_modifyitems(session, config, items):
     """Every worker starts on the slow tests and ends on the quick ones: pytest-xdist's
     worksteal hands each worker a contiguous share of this order, and an idle worker steals
-    from the end of another's share. Here share w holds every n-th slow test, then every n-th
-    quick one, so no worker is left alone with a five-minute test at the end."""
+    from the end of another's share. Here share w is the w-th n-th of the slow tests, then the
+    w-th n-th of the quick ones (contiguous, so tests that share a module fixture mostly stay
+    on one worker), and no worker is left alone with a five-minute test at the end."""
     n = getattr(config, "workerinput", {}).get("workercount", 1)
     slow = [item for item in items if item.get_closest_marker("slow")]
     quick = [item for item in items if not item.get_closest_marker("slow")]
-    items[:] = [item for w in range(n) for item in (*slow[w::n], *quick[w::n])]
+
+    def part(tests: list, w: int) -> list:
+        return tests[w * len(tests) // n : (w + 1) * len(tests) // n]
+
+    items[:] = [item for w in range(n) for item in (*part(slow, w), *part(quick, w))]
 
 
 def pytest_sessionfinish(session, exitstatus):

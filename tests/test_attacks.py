@@ -383,6 +383,7 @@ def test_input_loss_sums_per_example():
         dict(eps=-0.1),
         dict(step_size=-0.1),
         dict(steps=-1),
+        dict(start_scale=-1.0),
     ],
 )
 def test_pgd_invalid_arguments_raise(kw):

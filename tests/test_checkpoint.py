@@ -168,6 +168,10 @@ def test_a_sigterm_lost_in_a_destructor_still_stops_the_evaluation():
         def __del__(self):
             signal.raise_signal(signal.SIGTERM)
 
+    class Broken:
+        def __del__(self):
+            raise ValueError("a bug")
+
     before, hook, printed = signal.getsignal(signal.SIGTERM), sys.unraisablehook, []
     sys.unraisablehook = printed.append  # what Python would print as "Exception ignored"
     try:
@@ -178,6 +182,12 @@ def test_a_sigterm_lost_in_a_destructor_still_stops_the_evaluation():
         with pytest.raises(SystemExit) as stop:
             preemption.exit_if_signalled()
         assert stop.value.code == 143
+        preemption.exit_if_signalled()  # the signal counts once
+        hook_now = sys.unraisablehook
+        preemption.exit_on_sigterm()  # a second call does not wrap the hook again
+        assert sys.unraisablehook is hook_now
+        Broken()  # any other ignored exception is still reported
+        assert [type(p.exc_value) for p in printed] == [ValueError]
     finally:
         signal.signal(signal.SIGTERM, before)
         sys.unraisablehook = hook
