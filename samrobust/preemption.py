@@ -76,6 +76,14 @@ class PreemptedError(Exception):
 
 
 _sigterm: int | None = None  # set by exit_on_sigterm's handler
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _unraisable(info: Any) -> None:
+    """``sys.unraisablehook`` under :func:`exit_on_sigterm`: the lost exit is re-raised later
+    (:func:`exit_if_signalled`), not a bug to print; everything else as before."""
+    if not (_sigterm is not None and isinstance(info.exc_value, SystemExit)):
+        _previous_unraisablehook(info)
 
 
 def exit_on_sigterm() -> None:
@@ -95,13 +103,9 @@ def exit_on_sigterm() -> None:
         logging.warning("received SIGTERM: stopping")
         sys.exit(128 + signum)
 
-    def unraisable(info: Any) -> None:  # the lost exit, re-raised later: not a bug to print
-        if not (_sigterm is not None and isinstance(info.exc_value, SystemExit)):
-            previous_hook(info)
-
-    previous_hook = sys.unraisablehook
-    if getattr(previous_hook, "__qualname__", "") != unraisable.__qualname__:  # once
-        sys.unraisablehook = unraisable
+    global _previous_unraisablehook
+    if sys.unraisablehook is not _unraisable:  # installed once
+        _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, _unraisable
     signal.signal(signal.SIGTERM, handle)
 
 

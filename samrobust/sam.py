@@ -263,7 +263,7 @@ def _weight_perturbation(
         if perturb is not None:  # decided by the caller (e.g. on the host): no lax.cond
             new_grads = perturbed() if perturb else plain()
         elif scheduled or probability < 1:
-            active = perturbs(state.count, radius_or_schedule, probability, seed)
+            active = perturbs(state.count, radius, probability, seed)
             try:  # eager (a concrete radius and draw): call only the branch taken
                 new_grads = perturbed() if bool(active) else plain()
             except jax.errors.ConcretizationTypeError:  # traced: lax.cond runs one branch
