@@ -25,15 +25,11 @@ from tests.helpers import (
     train_on_cifar10_slice,
 )
 
-MODES = ("sgd", "sam", "at", "sam_at")
-# The default suite runs SGD and AT on 1 device and SAM + AT on 8; the other pairings are
-# slow (about a minute each on 2 cores, mostly compilation).
-DEFAULT = {("sgd", 1), ("at", 1), ("sam_at", 8)}
-MODE_DEVICES = [
-    pytest.param(mode, devices, marks=[] if (mode, devices) in DEFAULT else [pytest.mark.slow])
-    for mode in MODES
-    for devices in (1, 8)
-]
+# Each mode's step once, on 1 device or sharded over 8: SGD and AT on 1, SAM + AT (both
+# perturbations under sharding) on 8. SAM alone runs in the README's digits run (1 device),
+# the killed-and-resumed run (8 devices) and the two-process run; SAM + AT on 1 device in
+# the killed-and-resumed run.
+MODE_DEVICES = [("sgd", 1), ("at", 1), ("sam_at", 8)]
 
 
 @pytest.mark.parametrize(("mode", "devices"), MODE_DEVICES)
@@ -99,8 +95,10 @@ def _wait_for_checkpoint(workdir: str, step: int, proc: subprocess.Popen, timeou
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.slow)])
-def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
+@pytest.mark.parametrize(
+    ("mode", "devices"), [("sam_at", 1), pytest.param("sam", 8, marks=pytest.mark.slow)]
+)
+def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, mode, devices):
     overrides = [
         *TINY_TRAIN,
         "--config.num_epochs=2",
@@ -108,11 +106,11 @@ def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
         "--config.keep_checkpoints=20",
     ]
     reference = str(tmp_path / "reference")
-    run_main("configs/sam_at.py:digits", reference, *overrides, devices=devices)
+    run_main(f"configs/{mode}.py:digits", reference, *overrides, devices=devices)
 
     resumed = str(tmp_path / "resumed")
     proc = subprocess.Popen(
-        main_command("configs/sam_at.py:digits", resumed, *overrides),
+        main_command(f"configs/{mode}.py:digits", resumed, *overrides),
         cwd=REPO,
         env=subprocess_env(devices),
         stdout=subprocess.DEVNULL,
@@ -127,7 +125,7 @@ def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, devices):
         int(s) for s in os.listdir(os.path.join(resumed, "checkpoints")) if s.isdigit()
     )
     assert steps_done[-1] < 44, "the run finished before it was killed"
-    proc = run_main("configs/sam_at.py:digits", resumed, *overrides, devices=devices)
+    proc = run_main(f"configs/{mode}.py:digits", resumed, *overrides, devices=devices)
     assert f"resuming at step {steps_done[-1]}" in proc.stderr
 
     a, b = load_checkpoint(reference), load_checkpoint(resumed)
