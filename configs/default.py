@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = "preact_resnet18"  # preact_resnet18 | wrn28_10 | wrn34_10 | fast_cifar
     config.width = 64  # PreActResNet base width (64 = the paper's); fast_cifar: first group
     config.half_precision = False  # bf16 compute, f32 master weights
+    # Stride-2 convs pad like XLA ("same") or like PyTorch ("torch": RobustBench's classes,
+    # which samrobust.torch_weights maps).
+    config.padding = "same"
 
     # Optimisation: the paper's recipe.
     config.num_epochs = 100

@@ -58,6 +58,7 @@ ADDED_KEYS = {
     "stop_on_collapse": 0.0,
     "attack.start_scale": 1.0,
     "attack.project": True,
+    "padding": "same",
 }
 CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 BEST_METRIC = "val_robust"

@@ -63,6 +63,9 @@ def _check_method(config: ml_collections.ConfigDict, check: Check) -> None:
         config.model in models.MODELS, "model", f"must be one of {models.MODELS}", "preact_resnet18"
     )
     check(config.width > 0, "width", "must be > 0", "64")
+    check(
+        config.padding in models.PADDINGS, "padding", f"must be one of {models.PADDINGS}", "torch"
+    )
     check(config.rho >= 0, "rho", "must be >= 0", "0.05")
     check(
         config.attack.norm in attacks.NORMS,

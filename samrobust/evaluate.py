@@ -1,7 +1,7 @@
 """Robustness evaluation of a training run, the command line (the library is
 :mod:`samrobust.robustness`)::
 
-  python -m samrobust.evaluate --workdir=DIR [--suite=paper|autoattack|full]
+  python -m samrobust.evaluate --workdir=DIR [--suite=clean|paper|autoattack|full]
       [--eps=8/255] [--norm=linf|l2] [--num_examples=N] [--batch_size=N]
       [--checkpoint=latest|best|STEP]
 
@@ -22,6 +22,13 @@ the indices). ``--batch_size`` (global) and ``--seed`` default to the run's
 for quick looks (the stem then ends in ``_it<N>_tc<N>_q<N>``, e.g.
 ``eval_autoattack_linf_8_255_it10_tc9_q5000``); ``--unroll`` sets the attacks' loop
 unrolling.
+
+A RobustBench-format PyTorch checkpoint (PreActResNet-18 or WideResNet; see
+:mod:`samrobust.torch_weights`) is evaluated the same way, in JAX on whatever devices JAX
+has, its reports written to ``DIR``::
+
+  python -m samrobust.evaluate --torch_checkpoint=model.pt --dataset=image_folder \
+      --data_dir=../shared/data/cifar10-jpeg.tar.gz --workdir=DIR --suite=autoattack
 
 AutoAttack records every finished batch in ``DIR/<report stem>_journal/``: a killed
 evaluation, run again with the same flags, continues where it stopped and ends with the same
@@ -63,7 +70,25 @@ FLAGS = flags.FLAGS
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The command line's flags, on ``flag_values``."""
     flags.DEFINE_string(
-        "workdir", None, "Training run directory (of samrobust.main).", flag_values=flag_values
+        "workdir",
+        None,
+        "Training run directory (of samrobust.main); with --torch_checkpoint, where the "
+        "reports go (created).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "torch_checkpoint",
+        None,
+        "Evaluate this RobustBench-format PyTorch state_dict (PreActResNet-18 or WideResNet, "
+        "samrobust.torch_weights) instead of a training run; needs --dataset.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "dataset",
+        None,
+        input_pipeline.DATASETS,
+        "The test split a --torch_checkpoint is evaluated on (image_folder: with --data_dir).",
+        flag_values=flag_values,
     )
     flags.DEFINE_string(
         "checkpoint",
@@ -100,7 +125,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "seed", None, "Attack seed (default: the run's seed).", flag_values=flag_values
     )
     flags.DEFINE_string(
-        "data_dir", None, "tfds data_dir (default: the run's).", flag_values=flag_values
+        "data_dir", None, "The dataset's data_dir (default: the run's).", flag_values=flag_values
     )
     flags.DEFINE_integer(
         "n_iter", 100, "AutoAttack iterations (standard: 100).", flag_values=flag_values
@@ -152,6 +177,17 @@ def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
         budget = Budget(fv.n_iter, fv.n_target_classes, fv.n_queries)
     except ValueError as e:
         raise UserError(f"--n_iter/--n_target_classes/--n_queries: {e}") from None
+    if fv.torch_checkpoint and fv.dataset is None:
+        raise UserError(
+            "--torch_checkpoint needs --dataset: e.g. --dataset=cifar10, or "
+            "--dataset=image_folder --data_dir=../shared/data/cifar10-jpeg.tar.gz"
+        )
+    if fv.dataset is not None and not fv.torch_checkpoint:
+        raise UserError("--dataset is for --torch_checkpoint: a training run's is in its config")
+    if fv.torch_checkpoint and checkpoint != "latest":
+        raise UserError(
+            "--checkpoint picks a training run's checkpoint: drop it with --torch_checkpoint"
+        )
     if fv.num_examples == 0 or fv.num_examples < -1:
         raise UserError("--num_examples must be positive, or -1 for the whole test split")
     return Settings(eps, checkpoint, budget)
@@ -166,7 +202,11 @@ def main(argv: Sequence[str]) -> None:
     preemption.exit_on_sigterm()  # the journal keeps finished batches
     parallel.initialize_runtime()
     mesh = parallel.default_mesh()
-    config = runs.run_config(FLAGS.workdir)  # a run's workdir, before the lock creates anything
+    if FLAGS.torch_checkpoint:
+        config = runs.torch_config(FLAGS.torch_checkpoint, FLAGS.dataset)
+        paths.path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+    else:  # a run's workdir, read before the lock creates anything there
+        config = runs.run_config(FLAGS.workdir)
     batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
     try:  # the library's checks, as user errors
         aa_eps, aa_norm = robustness.check_settings(
@@ -196,7 +236,14 @@ def _evaluate(
     budget: Budget,
     lock: WorkdirLock | None,
 ) -> None:
-    run = runs.load_run(FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint)
+    if FLAGS.torch_checkpoint:
+        run = runs.load_torch_checkpoint(
+            FLAGS.torch_checkpoint, FLAGS.workdir, FLAGS.dataset, data_dir=FLAGS.data_dir, mesh=mesh
+        )
+    else:
+        run = runs.load_run(
+            FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
+        )
     config, ds = run.config, run.dataset
     images, labels, subset = input_pipeline.evaluation_points(ds, FLAGS.num_examples)
     stem = reports.report_stem(FLAGS.suite, checkpoint, norm, eps, budget, FLAGS.num_examples)
@@ -243,6 +290,9 @@ def _evaluate(
         "model": config["model"],
         "width": config["width"],
     }
+    if FLAGS.torch_checkpoint:  # which file, and the normalisation it carried
+        keys = ("torch_checkpoint", "torch_sha256", "padding", "mean", "std")
+        report["run"] |= {k: config[k] for k in keys}
     if lock is not None:
         lock.check()
         for path in reports.write_report(run.workdir, report, stem):

@@ -6,6 +6,12 @@ and std is the model's first op, so attacks perturb the raw pixels as in the pap
 BatchNorm uses batch statistics and updates its running averages when ``train=True``
 (apply with ``mutable=['batch_stats']``) and the running averages when ``train=False``.
 PyTorch's BatchNorm momentum 0.1 and epsilon 1e-5 are kept.
+
+``padding`` (PreActResNet and WideResNet) says how a stride-2 3x3 conv pads an even input:
+``"same"`` is XLA's ``SAME`` (0 before, 1 after), ``"torch"`` is PyTorch's ``padding=1`` (1
+on both sides), the layout of RobustBench's classes (:mod:`samrobust.torch_weights`). The
+two sample different pixels, so weights trained with one give other logits under the other;
+every other conv pads the same either way.
 """
 
 import functools
@@ -20,6 +26,14 @@ import numpy as np
 ModuleDef = Any
 
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+PADDINGS = ("same", "torch")
+
+
+def strided_padding(padding: str) -> str | tuple[tuple[int, int], tuple[int, int]]:
+    """A stride-2 3x3 conv's flax ``padding`` under ``padding`` (one of :data:`PADDINGS`)."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    return "SAME" if padding == "same" else ((1, 1), (1, 1))
 
 
 class Normalize(nn.Module):
@@ -42,6 +56,7 @@ class PreActBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     dropout: float = 0.0
+    padding: str = "same"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -52,7 +67,8 @@ class PreActBlock(nn.Module):
             )(out)
         else:
             shortcut = x
-        out = self.conv(self.features, (3, 3), (self.stride, self.stride))(out)
+        pad = strided_padding(self.padding) if self.stride != 1 else "SAME"
+        out = self.conv(self.features, (3, 3), (self.stride, self.stride), padding=pad)(out)
         out = nn.relu(self.norm()(out))
         if self.dropout:
             out = nn.Dropout(self.dropout, deterministic=not train)(out)
@@ -71,6 +87,7 @@ class _PreActNet(nn.Module):
     std: Sequence[float]
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    padding: str = "same"
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -90,7 +107,7 @@ class _PreActNet(nn.Module):
         for i, width in enumerate(self.stage_widths):
             for j in range(self.blocks_per_stage):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = PreActBlock(width, stride, conv, norm, self.dropout)(x, train)
+                x = PreActBlock(width, stride, conv, norm, self.dropout, self.padding)(x, train)
         x = nn.relu(norm()(x))
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -104,6 +121,7 @@ def preact_resnet18(
     *,
     width: int = 64,
     dtype: Any = jnp.float32,
+    padding: str = "same",
 ) -> nn.Module:
     """PreActResNet-18 of the paper's code; ``width`` is the first stage's channel count."""
     return _PreActNet(
@@ -114,6 +132,7 @@ def preact_resnet18(
         mean=tuple(mean),
         std=tuple(std),
         dtype=dtype,
+        padding=padding,
     )
 
 
@@ -126,6 +145,7 @@ def wide_resnet(
     *,
     dropout: float = 0.0,
     dtype: Any = jnp.float32,
+    padding: str = "same",
 ) -> nn.Module:
     """WideResNet-depth-k (Zagoruyko & Komodakis, 2016) with pre-activation blocks."""
     if (depth - 4) % 6:
@@ -139,6 +159,7 @@ def wide_resnet(
         std=tuple(std),
         dropout=dropout,
         dtype=dtype,
+        padding=padding,
     )
 
 
@@ -306,17 +327,19 @@ class FastCifarNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-# The registry: name -> constructor(num_classes, mean, std, *, width, dtype).
+# The registry: name -> constructor(num_classes, mean, std, *, width, dtype, padding).
 def _wrn(depth: int) -> Callable[..., nn.Module]:
-    def make(num_classes, mean, std, *, width, dtype):
+    def make(num_classes, mean, std, *, width, dtype, padding):
         del width  # WideResNet-depth-10 has fixed widths
-        return wide_resnet(depth, 10, num_classes, mean, std, dtype=dtype)
+        return wide_resnet(depth, 10, num_classes, mean, std, dtype=dtype, padding=padding)
 
     return make
 
 
-def fast_cifar(num_classes, mean, std, *, width=64, dtype=jnp.float32) -> nn.Module:
-    """:class:`FastCifarNet`; ``width`` is the first group's (64 = airbench94's 64/256/256)."""
+def fast_cifar(num_classes, mean, std, *, width=64, dtype=jnp.float32, padding="same") -> nn.Module:
+    """:class:`FastCifarNet`; ``width`` is the first group's (64 = airbench94's 64/256/256).
+    Its convs all have stride 1 (max-pools downsample): ``padding`` changes nothing."""
+    strided_padding(padding)  # still one of PADDINGS
     return FastCifarNet(width, num_classes, tuple(mean), tuple(std), dtype)
 
 
@@ -337,17 +360,19 @@ def create_model(
     *,
     width: int = 64,
     dtype: Any = jnp.float32,
+    padding: str = "same",
 ) -> nn.Module:
     """Builds a model by name (one of ``MODELS``). ``width`` affects PreActResNet and
-    fast_cifar."""
+    fast_cifar, ``padding`` (one of :data:`PADDINGS`) the stride-2 convs."""
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; set config.model to one of {MODELS}")
-    return _REGISTRY[name](num_classes, mean, std, width=width, dtype=dtype)
+    return _REGISTRY[name](num_classes, mean, std, width=width, dtype=dtype, padding=padding)
 
 
 def from_config(config: Mapping[str, Any], dataset: Any) -> nn.Module:
-    """The model of a run: ``config``'s ``model``, ``width`` and ``half_precision`` (a
-    ConfigDict or its ``config.json``) for ``dataset``'s classes and normalisation."""
+    """The model of a run: ``config``'s ``model``, ``width``, ``padding`` and
+    ``half_precision`` (a ConfigDict or its ``config.json``: runs saved before ``padding``
+    existed padded ``"same"``) for ``dataset``'s classes and normalisation."""
     return create_model(
         config["model"],
         dataset.num_classes,
@@ -355,4 +380,5 @@ def from_config(config: Mapping[str, Any], dataset: Any) -> nn.Module:
         dataset.std,
         width=config["width"],
         dtype=jnp.bfloat16 if config["half_precision"] else jnp.float32,
+        padding=config.get("padding", "same"),
     )

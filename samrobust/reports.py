@@ -17,7 +17,7 @@ from etils import epath
 from samrobust import autoattack as aa
 from samrobust import paths
 from samrobust.attacks import format_eps
-from samrobust.robustness import autoattack_name
+from samrobust.robustness import AUTOATTACK_SUITES, autoattack_name
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -86,7 +86,7 @@ def report_stem(
     point sets never share a stem), then ``_best`` for the best checkpoint or ``_step<N>``
     for step N."""
     stem = f"eval_{suite}"
-    if suite != "paper":
+    if suite in AUTOATTACK_SUITES:
         stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
         stem += budget_suffix(budget)
     if num_examples != -1:

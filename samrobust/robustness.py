@@ -4,6 +4,7 @@
 Suites (test inputs in ``[0, 1]``, model in eval mode, every attack data parallel over all
 devices, per-example masks kept so that runs can be compared point by point):
 
+- ``clean``: clean accuracy only (e.g. to check an imported checkpoint before attacking it).
 - ``paper`` (the paper's protocol): clean accuracy and PGD-10 with random start at
   Linf 1/255 (step 0.25/255), Linf 2/255 (0.5/255), L2 16/255 (2/255), L2 32/255 (4/255).
 - ``autoattack``: clean accuracy and AutoAttack "standard" (APGD-CE, APGD-T, FAB-T, Square;
@@ -53,7 +54,8 @@ from samrobust.attacks import PGDSpec, format_eps
 from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
-SUITES = ("paper", "autoattack", "full")
+SUITES = ("clean", "paper", "autoattack", "full")
+AUTOATTACK_SUITES = ("autoattack", "full")  # the suites that run AutoAttack
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
 
 PAPER_SUITE = (
@@ -67,7 +69,7 @@ FULL_EXTRA = tuple(
     for e in (4, 8)
     for loss in ("ce", "cw")
 )
-SUITE_PGD = {"paper": PAPER_SUITE, "autoattack": (), "full": PAPER_SUITE + FULL_EXTRA}
+SUITE_PGD = {"clean": (), "paper": PAPER_SUITE, "autoattack": (), "full": PAPER_SUITE + FULL_EXTRA}
 
 
 def model_logits_fn(apply_fn: Callable) -> ApplyFn:
@@ -286,11 +288,11 @@ def check_settings(
     suite: str, eps: float | None, norm: str | None, batch_size: int, num_devices: int
 ) -> tuple[float | None, str | None]:
     """``(eps, norm)`` of AutoAttack (the defaults filled in: Linf, :data:`DEFAULT_EPS`;
-    ``(None, None)`` for the paper suite) for :func:`evaluate`'s settings; a ``ValueError``
-    naming what is wrong."""
+    ``(None, None)`` for the suites without AutoAttack) for :func:`evaluate`'s settings;
+    a ``ValueError`` naming what is wrong."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose one of {SUITES}")
-    if suite == "paper" and (eps is not None or norm is not None):
+    if suite not in AUTOATTACK_SUITES and (eps is not None or norm is not None):
         raise ValueError(
             "eps and norm set the AutoAttack budget: use them with the autoattack or full suite"
         )
@@ -301,7 +303,7 @@ def check_settings(
             f"batch size {batch_size} must be a positive multiple of the device count "
             f"{num_devices} (e.g. {num_devices * max(1, batch_size // num_devices)})"
         )
-    if suite == "paper":
+    if suite not in AUTOATTACK_SUITES:
         return None, None
     return (DEFAULT_EPS[norm] if eps is None else eps), norm
 
@@ -325,16 +327,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs ``suite`` (see the module docstring) on ``logits_fn(variables, x) -> logits``.
 
-    ``eps``/``norm`` set the AutoAttack budget (default Linf 8/255 or L2 0.5; not allowed for
-    ``paper``). ``num_classes`` is checked against the model's output (inferred if None).
+    ``eps``/``norm`` set the AutoAttack budget (default Linf 8/255 or L2 0.5; only for the
+    :data:`AUTOATTACK_SUITES`). ``num_classes`` is checked against the model's output
+    (inferred if None).
     ``batch_size`` is global and must divide by the device count; a non-standard ``budget``
     is warned about. ``unroll``: PGD's ``fori_loop`` unroll (None: full on CPU) and
     AutoAttack's (:func:`samrobust.autoattack.cascade.iterations_per_call`). ``journal_dir``: where
     AutoAttack records finished batches, to resume an interrupted evaluation.
     Returns a dict: ``accuracy`` and ``images_per_s`` (by attack name, ``clean`` first),
     ``attacks`` (each name's budget), ``masks`` (per-example bool arrays; AutoAttack's also
-    after each of its attacks, as ``<name>/<attack>``), ``autoattack`` (details, unless
-    ``paper``), ``warnings``, and the settings.
+    after each of its attacks, as ``<name>/<attack>``), ``autoattack`` (details, for the
+    :data:`AUTOATTACK_SUITES`), ``warnings``, and the settings.
     """
     mesh = mesh or default_mesh()
     eps, norm = check_settings(suite, eps, norm, batch_size, mesh.size)
@@ -374,7 +377,7 @@ def evaluate(
         "masks": pgd["masks"],
     }
     warnings, result = [], None
-    if suite != "paper":
+    if suite in AUTOATTACK_SUITES:
         journal = None
         if journal_dir is not None:
             settings = journal_settings(

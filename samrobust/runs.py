@@ -5,16 +5,23 @@
 
   run = load_run("runs/sam", checkpoint="best")
   report = robustness.evaluate(run.logits_fn, run.variables, images, labels)
+
+:func:`load_torch_checkpoint` does the same for a RobustBench-format PyTorch checkpoint
+(:mod:`samrobust.torch_weights`), whose reports go to a workdir of the caller's choosing.
 """
 
 import dataclasses
+import hashlib
+import io
 import json
 from typing import Any
 
+import jax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from samrobust import input_pipeline, models, paths
+from samrobust import input_pipeline, models, paths, torch_weights
 from samrobust.checkpoint import CheckpointError, checkpoint_dir, read_state
 from samrobust.errors import UserError
 from samrobust.parallel import default_mesh
@@ -123,3 +130,92 @@ def run_config(workdir: str) -> dict[str, Any]:
             "--workdir given to samrobust.main (it holds config.json and checkpoints/)."
         )
     return json.loads(config_path.read_text())
+
+
+TORCH_EVAL_BATCH_SIZE = 256  # a PyTorch checkpoint's evaluation batch (no config says one)
+
+
+def _torch_file(path: str) -> epath.Path:
+    file = paths.path(path)
+    if not file.is_file():
+        raise EvaluationError(f"--torch_checkpoint={path} does not exist")
+    return file
+
+
+def torch_config(path: str, dataset: str) -> dict[str, Any]:
+    """What stands for a run's config when evaluating the PyTorch checkpoint ``path`` (an
+    ``EvaluationError`` if there is none) on ``dataset``: the keys evaluation reads (its model
+    is filled in by loading it)."""
+    _torch_file(path)
+    return {
+        "mode": "torch",
+        "dataset": dataset,
+        "eval_batch_size": TORCH_EVAL_BATCH_SIZE,
+        "seed": 0,
+        "torch_checkpoint": path,
+    }
+
+
+def read_torch_state_dict(path: str) -> tuple[dict[str, Any], str]:
+    """``(state_dict as numpy arrays, sha256 of the file)`` of a PyTorch checkpoint: a
+    ``state_dict``, or a dict holding one under ``state_dict``; DataParallel's ``module.``
+    prefixes removed (as RobustBench's loader does)."""
+    try:
+        import torch
+    except ImportError:
+        raise EvaluationError(
+            "--torch_checkpoint needs torch: pip install -e '.[reference]'"
+        ) from None
+    data = _torch_file(path).read_bytes()
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for files it cannot read
+        raise EvaluationError(
+            f"--torch_checkpoint={path} is not a PyTorch state_dict torch.load can read "
+            f"with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise EvaluationError(
+            f"--torch_checkpoint={path} holds a {type(obj).__name__}, not a state_dict"
+        )
+    state = {k.removeprefix("module."): v.numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def load_torch_checkpoint(
+    path: str,
+    workdir: str,
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    mesh: Mesh | None = None,
+) -> Run:
+    """The RobustBench-format PyTorch checkpoint ``path`` (PreActResNet-18 or WideResNet:
+    :func:`samrobust.torch_weights.from_state_dict`) as a :class:`Run` on ``dataset``'s
+    test split, its reports going to ``workdir``. The model keeps the checkpoint's own input
+    normalisation (its ``mu``/``sigma``, or none), not the dataset's."""
+    state, sha256 = read_torch_state_dict(path)
+    try:
+        model, variables = torch_weights.from_state_dict(state)
+    except torch_weights.WeightsError as e:
+        raise EvaluationError(f"--torch_checkpoint={path}: {e}") from None
+    ds = input_pipeline.load(dataset, data_dir)
+    classes = variables["params"]["Dense_0"]["bias"].shape[0]
+    if classes != ds.num_classes:
+        raise EvaluationError(
+            f"--torch_checkpoint={path} has {classes} outputs but {dataset} has "
+            f"{ds.num_classes} classes: pass the --dataset it was trained on"
+        )
+    config = torch_config(path, dataset) | {
+        "model": torch_weights.architecture(state),
+        "width": int(model.stage_widths[0]),
+        "padding": "torch",
+        "mean": list(model.mean),
+        "std": list(model.std),
+        "data_dir": data_dir,
+        "torch_sha256": sha256,
+    }
+    variables = jax.device_put(variables, NamedSharding(mesh or default_mesh(), P()))
+    return Run(workdir, config, 0, model_logits_fn(model.apply), variables, ds)

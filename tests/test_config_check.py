@@ -35,6 +35,7 @@ def test_at_config_defaults_are_the_papers():
         ({"awp_gamma": -0.01}, "config.awp_gamma = -0.01: must be >= 0"),
         ({"awp_gamma": 0.005}, "AWP perturbs the weights of adversarial training"),
         ({"attack.start_scale": -1.0}, "config.attack.start_scale = -1.0: must be >= 0"),
+        ({"padding": "valid"}, "config.padding = 'valid': must be one of"),
     ],
 )
 def test_invalid_recipe_fields_are_config_errors(overrides, message):

@@ -75,6 +75,15 @@ def test_evaluate_user_errors(tmp_path, finished):
         ([f"--workdir={finished}", "--checkpoint=3"], ["no checkpoint of step 3"]),
         ([f"--workdir={finished}", "--suite=autoattack", "--eps=8/0"], ["--eps"]),
         ([f"--workdir={finished}", "--suite=strong"], ["--suite", "paper"]),
+        ([f"--workdir={tmp_path / 'rb'}", "--torch_checkpoint=m.pt"], ["needs --dataset"]),
+        (
+            [
+                f"--workdir={tmp_path / 'rb'}",
+                f"--torch_checkpoint={tmp_path / 'm.pt'}",
+                "--dataset=digits",
+            ],
+            ["--torch_checkpoint=", "does not exist"],
+        ),
     ]
     for flags, expected in cases:
         assert_one_line_error(run_module("samrobust.evaluate", *flags), *expected)

@@ -57,6 +57,17 @@ def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
     assert len(report["warnings"]) == 1 and "reduced" in report["warnings"][0]
 
 
+def test_the_clean_suite_is_the_clean_accuracy_alone():
+    rng = np.random.default_rng(2)
+    variables = {"w": rng.normal(size=(16, 5)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    x = rng.uniform(0, 1, size=(8, 4, 4, 1)).astype(np.float32)
+    y = rng.integers(0, 5, 8).astype(np.int32)
+    report = robustness.evaluate(linear_logits, variables, x, y, suite="clean", batch_size=8)
+    correct = np.asarray(linear_logits(variables, x)).argmax(-1) == y
+    assert list(report["accuracy"]) == ["clean"] and "autoattack" not in report
+    np.testing.assert_array_equal(report["masks"]["clean"], correct)
+
+
 def test_sanity_checks_reach_the_report():
     """A model returning probabilities is flagged (and evaluated nonetheless)."""
     rng = np.random.default_rng(1)
@@ -82,6 +93,7 @@ def test_sanity_checks_reach_the_report():
         ({"suite": "strong"}, "unknown suite"),
         ({"suite": "autoattack", "norm": "l1"}, "Unknown norm"),
         ({"eps": 8 / 255}, "AutoAttack budget"),
+        ({"suite": "clean", "norm": "l2"}, "AutoAttack budget"),
         ({"batch_size": 12}, "multiple of the device count"),
         ({"num_classes": 10}, "outputs 5 logits"),
     ],
