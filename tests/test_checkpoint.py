@@ -94,11 +94,15 @@ def test_evaluate_skips_a_damaged_latest_checkpoint(finished_run, tmp_path):
     shutil.copytree(source, workdir)
     damage(workdir, 22)
     proc = run_module(
-        "samrobust.evaluate", f"--workdir={workdir}", "--num_examples=16", "--batch_size=16"
+        "samrobust.evaluate",
+        f"--workdir={workdir}",
+        "--suite=clean",
+        "--num_examples=16",
+        "--batch_size=16",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 22" in proc.stderr and "damaged" in proc.stderr
-    report = json.load(open(os.path.join(workdir, "eval_paper_sub16.json")))
+    report = json.load(open(os.path.join(workdir, "eval_clean_sub16.json")))
     assert report["run"]["step"] == 20
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "22"))  # left as it is
 

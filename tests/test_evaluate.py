@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from samrobust import input_pipeline, robustness, runs
-from tests.helpers import REPO, TINY, run_main, run_two_processes, subprocess_env, write_folder
+from tests.helpers import (
+    REPO,
+    TINY_TRAIN,
+    run_main,
+    run_two_processes,
+    subprocess_env,
+    write_folder,
+)
 
 N = 32  # test examples evaluated
 AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]
@@ -158,12 +165,14 @@ def test_training_and_evaluate_take_the_same_stratified_points_of_a_sorted_folde
     workdir, n = str(tmp_path / "run"), 12
     data = ["--config.dataset=image_folder", f"--config.data_dir={root}"]
     data += [f"--config.cache_dir={tmp_path / 'cache'}", "--config.crop_padding=0"]
-    run_main("configs/sgd.py:digits", workdir, *TINY, *data, f"--config.eval_num_examples={n}")
-    proc = run_evaluate(workdir, "--suite=paper", f"--num_examples={n}", "--unroll=1", devices=1)
+    run_main(
+        "configs/sgd.py:digits", workdir, *TINY_TRAIN, *data, f"--config.eval_num_examples={n}"
+    )
+    proc = run_evaluate(workdir, "--suite=clean", f"--num_examples={n}", devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(workdir, "results.json")) as f:
         trained = json.load(f)
-    with open(os.path.join(workdir, f"eval_paper_sub{n}.json")) as f:
+    with open(os.path.join(workdir, f"eval_clean_sub{n}.json")) as f:
         evaluated = json.load(f)
     ds = input_pipeline.load("image_folder", str(root), cache_dir=str(tmp_path / "cache"))
     idx = input_pipeline.eval_subset(ds.test_labels, n)

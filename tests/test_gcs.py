@@ -290,9 +290,11 @@ def test_digits_run_writes_everything_to_the_bucket_and_resumes(gcs, gcs_run, tm
 
 @pytest.mark.slow
 def test_evaluate_reads_a_gcs_run(gcs, gcs_run):
-    proc = run_module("samrobust.evaluate", f"--workdir={RUN}", "--num_examples=64")
+    proc = run_module(
+        "samrobust.evaluate", f"--workdir={RUN}", "--suite=clean", "--num_examples=64"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stem = "eval_paper_sub64"
+    stem = "eval_clean_sub64"
     assert {f"{stem}.json", f"{stem}.md", f"{stem}_masks.npz"} <= set(objects(gcs, "run"))
     report = json.loads(read(gcs, f"run/{stem}.json"))
     assert report["num_examples"] == 64 and report["run"]["workdir"] == RUN

@@ -195,11 +195,12 @@ def test_validation_during_training_keeps_the_best_checkpoint(tmp_path):
         "samrobust.evaluate",
         f"--workdir={workdir}",
         "--checkpoint=best",
+        "--suite=clean",
         "--num_examples=32",
         "--batch_size=32",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(os.path.join(workdir, "eval_paper_sub32_best.json")) as f:
+    with open(os.path.join(workdir, "eval_clean_sub32_best.json")) as f:
         report = json.load(f)
     assert report["run"]["step"] == best and report["run"]["checkpoint"] == "best"
 
