@@ -601,7 +601,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"mode {cfg['mode']}, {cfg['dataset']}): {n} points {x.shape[1:]}"
     )
 
-    net = from_flax(run.variables, mean=run.dataset.mean, std=run.dataset.std)
+    net = from_flax(
+        run.variables,
+        mean=run.dataset.mean,
+        std=run.dataset.std,
+        padding=run.config.get("padding", "same"),
+    )
     flax_out, torch_out = (
         ours_logits(run, x, args.batch_size),
         torch_logits(net, x, args.batch_size),

@@ -65,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         from experiments.torch_preact import from_flax, nhwc_to_nchw
 
-        net = from_flax(run.variables, mean=run.dataset.mean, std=run.dataset.std).eval()
+        net = from_flax(
+            run.variables,
+            mean=run.dataset.mean,
+            std=run.dataset.std,
+            padding=run.config.get("padding", "same"),
+        ).eval()
         xt, yt = nhwc_to_nchw(x), torch.from_numpy(y.astype(np.int64))
 
         def t_forward() -> torch.Tensor:

@@ -52,16 +52,23 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 class SameConv2d(nn.Module):
-    """Bias-free conv with Flax/XLA ``padding='SAME'``, computed from each input's H and W."""
+    """Bias-free conv with Flax/XLA ``padding='SAME'``, computed from each input's H and W;
+    ``padding="torch"``: PyTorch's ``kernel // 2`` on every side (``samrobust.models``'
+    ``padding="torch"`` for the stride-2 convs)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int = 1):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, padding="same"
+    ):
         super().__init__()
-        self.kernel, self.stride = kernel, stride
+        self.kernel, self.stride, self.padding = kernel, stride, padding
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = same_padding(x.shape[-2], self.kernel, self.stride)
-        left, right = same_padding(x.shape[-1], self.kernel, self.stride)
+        if self.padding == "torch":
+            top = bottom = left = right = self.kernel // 2
+        else:
+            top, bottom = same_padding(x.shape[-2], self.kernel, self.stride)
+            left, right = same_padding(x.shape[-1], self.kernel, self.stride)
         if top or bottom or left or right:
             x = nn.functional.pad(x, (left, right, top, bottom))
         return nn.functional.conv2d(x, self.weight, stride=self.stride)
@@ -74,10 +81,12 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 class PreActBlock(nn.Module):
     """``samrobust.models.PreActBlock``: BN-ReLU-conv, BN-ReLU-conv, plus the shortcut."""
 
-    def __init__(self, in_channels: int, features: int, stride: int, shortcut: bool):
+    def __init__(
+        self, in_channels: int, features: int, stride: int, shortcut: bool, padding="same"
+    ):
         super().__init__()
         self.bn1 = _bn(in_channels)
-        self.conv1 = SameConv2d(in_channels, features, 3, stride)
+        self.conv1 = SameConv2d(in_channels, features, 3, stride, padding if stride > 1 else "same")
         self.bn2 = _bn(features)
         self.conv2 = SameConv2d(features, features, 3)
         self.shortcut = SameConv2d(in_channels, features, 1, stride) if shortcut else None
@@ -105,6 +114,7 @@ class TorchPreActNet(nn.Module):
         num_classes: int,
         mean: Sequence[float],
         std: Sequence[float],
+        padding: str = "same",
     ):
         super().__init__()
         if len(mean) != in_channels or len(std) != in_channels:
@@ -116,7 +126,7 @@ class TorchPreActNet(nn.Module):
         self.stem = SameConv2d(in_channels, stem_width, 3)
         layers, width = [], stem_width
         for features, stride, shortcut in blocks:
-            layers.append(PreActBlock(width, features, stride, shortcut))
+            layers.append(PreActBlock(width, features, stride, shortcut, padding))
             width = features
         self.blocks = nn.ModuleList(layers)
         self.bn = _bn(width)
@@ -147,13 +157,18 @@ def _block_names(params: Mapping[str, Any]) -> list[str]:
 
 
 def from_flax(
-    variables: Mapping[str, Any], *, mean: Sequence[float], std: Sequence[float]
+    variables: Mapping[str, Any],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    padding: str = "same",
 ) -> TorchPreActNet:
     """A :class:`TorchPreActNet` (eval mode, no parameter gradients) holding ``variables``.
 
     ``variables``: ``{"params", "batch_stats"}`` of ``samrobust.models.preact_resnet18`` /
     ``create_model(...)`` (any width; WideResNets too). ``mean``/``std``: the
-    normalisation the Flax model was built with (``run.dataset.mean``/``std``). Every
+    normalisation the Flax model was built with (``run.dataset.mean``/``std``), ``padding``
+    its stride-2 convs' (``run.config["padding"]``; runs without one: ``"same"``). Every
     Flax variable is copied exactly once, and every torch parameter and buffer is set.
     """
     params, stats = variables["params"], variables["batch_stats"]
@@ -174,6 +189,7 @@ def from_flax(
         num_classes=int(dense["kernel"].shape[1]),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
+        padding=padding,
     )
 
     state: dict[str, torch.Tensor] = {"mean": net.mean, "std": net.std}

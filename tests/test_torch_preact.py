@@ -106,6 +106,18 @@ def test_torch_padding_one_would_not_match():
     assert _max_diff(model, variables, net, _images(4, 32, 32, 3)) > 1e-3
 
 
+def test_a_model_with_torch_padding_maps_with_torch_padding():
+    """``padding="torch"`` (the RobustBench layout) in Flax and in the torch copy."""
+    mean, std = tuple(np.linspace(0.3, 0.5, 3)), tuple(np.linspace(0.2, 0.3, 3))  # _setup's
+    model = models.create_model("preact_resnet18", 10, mean, std, width=4, padding="torch")
+    variables = _flax_variables(model, (32, 32, 3), seed=67)
+    x = _images(4, 32, 32, 3)
+    net = torch_preact.from_flax(variables, mean=mean, std=std, padding="torch")
+    assert _max_diff(model, variables, net, x) <= TOL
+    same = torch_preact.from_flax(variables, mean=mean, std=std)
+    assert _max_diff(model, variables, same, x) > 1e-3
+
+
 def _conv_padding_one(conv, z):
     return torch.nn.functional.conv2d(z, conv.weight, stride=conv.stride, padding=1)
 
