@@ -60,6 +60,8 @@ class SameConv2d(nn.Module):
         self, in_channels: int, out_channels: int, kernel: int, stride: int = 1, padding="same"
     ):
         super().__init__()
+        if padding not in ("same", "torch"):  # samrobust.models.PADDINGS
+            raise ValueError(f"padding must be 'same' or 'torch', got {padding!r}")
         self.kernel, self.stride, self.padding = kernel, stride, padding
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel))
 

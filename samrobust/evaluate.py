@@ -59,7 +59,7 @@ from samrobust import (
     robustness,
     runs,
 )
-from samrobust.autoattack import Budget
+from samrobust import autoattack as aa
 from samrobust.checkpoint import quiet_orbax
 from samrobust.errors import UserError
 from samrobust.workdir import DEFAULT_STALE_AFTER_S, WorkdirLock
@@ -127,6 +127,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "data_dir", None, "The dataset's data_dir (default: the run's).", flag_values=flag_values
     )
+    flags.DEFINE_list(
+        "attacks",
+        None,
+        f"A custom AutoAttack: these attacks in this order, of {','.join(aa.ATTACKS)} "
+        "(default: the standard apgd-ce,apgd-t,fab-t,square).",
+        flag_values=flag_values,
+    )
     flags.DEFINE_integer(
         "n_iter", 100, "AutoAttack iterations (standard: 100).", flag_values=flag_values
     )
@@ -159,7 +166,8 @@ class Settings:
 
     eps: float | None
     checkpoint: str | int
-    budget: Budget
+    budget: aa.Budget
+    attacks: tuple[str, ...]
 
 
 def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
@@ -174,7 +182,7 @@ def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
     except ValueError as e:
         raise UserError(f"--checkpoint: {e}") from None
     try:
-        budget = Budget(fv.n_iter, fv.n_target_classes, fv.n_queries)
+        budget = aa.Budget(fv.n_iter, fv.n_target_classes, fv.n_queries)
     except ValueError as e:
         raise UserError(f"--n_iter/--n_target_classes/--n_queries: {e}") from None
     if fv.torch_checkpoint and fv.dataset is None:
@@ -190,30 +198,34 @@ def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
         )
     if fv.num_examples == 0 or fv.num_examples < -1:
         raise UserError("--num_examples must be positive, or -1 for the whole test split")
-    return Settings(eps, checkpoint, budget)
+    names = tuple(fv.attacks) if fv.attacks else aa.STANDARD_ATTACKS
+    return Settings(eps, checkpoint, budget, names)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     s = settings()
-    eps, checkpoint, budget = s.eps, s.checkpoint, s.budget
+    eps, checkpoint, budget, attack_names = s.eps, s.checkpoint, s.budget, s.attacks
     quiet_orbax()
     preemption.exit_on_sigterm()  # the journal keeps finished batches
     parallel.initialize_runtime()
     mesh = parallel.default_mesh()
-    if FLAGS.torch_checkpoint:
-        config = runs.torch_config(FLAGS.torch_checkpoint, FLAGS.dataset)
-        paths.path(FLAGS.workdir).mkdir(parents=True, exist_ok=True)
+    run = None
+    if FLAGS.torch_checkpoint:  # loaded and checked before the lock creates the workdir
+        run = runs.load_torch_checkpoint(
+            FLAGS.torch_checkpoint, FLAGS.workdir, FLAGS.dataset, data_dir=FLAGS.data_dir, mesh=mesh
+        )
+        config = run.config
     else:  # a run's workdir, read before the lock creates anything there
         config = runs.run_config(FLAGS.workdir)
     batch_size = config["eval_batch_size"] if FLAGS.batch_size is None else FLAGS.batch_size
     try:  # the library's checks, as user errors
         aa_eps, aa_norm = robustness.check_settings(
-            FLAGS.suite, eps, FLAGS.norm, batch_size, mesh.size
+            FLAGS.suite, eps, FLAGS.norm, batch_size, mesh.size, attack_names
         )
     except ValueError as e:
-        raise UserError(f"--suite={FLAGS.suite} --eps/--norm/--batch_size: {e}") from None
+        raise UserError(f"--suite={FLAGS.suite} --eps/--norm/--batch_size/--attacks: {e}") from None
     if aa_eps is not None and eps is None:
         logging.info(
             "AutoAttack radius: %s %s (the default%s; set it with --eps)",
@@ -224,38 +236,43 @@ def main(argv: Sequence[str]) -> None:
     is_chief = jax.process_index() == 0
     lock = WorkdirLock(FLAGS.workdir, "evaluation", FLAGS.lock_stale_after_s) if is_chief else None
     with lock or contextlib.nullcontext():  # one writer per workdir
-        _evaluate(mesh, aa_eps, aa_norm, batch_size, checkpoint, budget, lock)
+        if run is None:
+            run = runs.load_run(
+                FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
+            )
+        elif lock is not None:
+            runs.claim_torch_workdir(FLAGS.workdir, run)
+        _evaluate(run, mesh, aa_eps, aa_norm, batch_size, checkpoint, budget, attack_names, lock)
 
 
 def _evaluate(
+    run: runs.Run,
     mesh: jax.sharding.Mesh,
     eps: float | None,
     norm: str | None,
     batch_size: int,
     checkpoint: str | int,
-    budget: Budget,
+    budget: aa.Budget,
+    attack_names: tuple[str, ...],
     lock: WorkdirLock | None,
 ) -> None:
-    if FLAGS.torch_checkpoint:
-        run = runs.load_torch_checkpoint(
-            FLAGS.torch_checkpoint, FLAGS.workdir, FLAGS.dataset, data_dir=FLAGS.data_dir, mesh=mesh
-        )
-    else:
-        run = runs.load_run(
-            FLAGS.workdir, data_dir=FLAGS.data_dir, mesh=mesh, checkpoint=checkpoint
-        )
     config, ds = run.config, run.dataset
     images, labels, subset = input_pipeline.evaluation_points(ds, FLAGS.num_examples)
-    stem = reports.report_stem(FLAGS.suite, checkpoint, norm, eps, budget, FLAGS.num_examples)
-    journal_dir = paths.path(run.workdir) / f"{stem}_journal" / f"step{run.step}"
+    stem = reports.report_stem(
+        FLAGS.suite, checkpoint, norm, eps, budget, FLAGS.num_examples, attack_names
+    )
+    torch_sha256 = config.get("torch_sha256")
+    weights = f"torch-{torch_sha256[:16]}" if torch_sha256 else f"step{run.step}"
+    journal_dir = paths.path(run.workdir) / f"{stem}_journal" / weights
+    what = (
+        f"{config['torch_checkpoint']} ({config['model']})"
+        if torch_sha256
+        else f"{run.workdir} step {run.step} ({config['mode']}, {config['model']} width "
+        f"{config['width']})"
+    )
     logging.info(
-        "Evaluating %s step %d (%s, %s width %d) on %d %s test examples (%s): %s suite, "
-        "batch %d, %d devices",
-        run.workdir,
-        run.step,
-        config["mode"],
-        config["model"],
-        config["width"],
+        "Evaluating %s on %d %s test examples (%s): %s suite, batch %d, %d devices",
+        what,
         len(labels),
         ds.name,
         subset["rule"],
@@ -276,23 +293,18 @@ def _evaluate(
         seed=config["seed"] if FLAGS.seed is None else FLAGS.seed,
         mesh=mesh,
         budget=budget,
+        attacks=attack_names,
         journal_dir=journal_dir,
         unroll=FLAGS.unroll,
     )
     report["subset"] = subset
-    report["run"] = {
-        "workdir": os.fspath(paths.path(run.workdir)),
-        "step": run.step,
-        "checkpoint": FLAGS.checkpoint,
-        "weights": run.weights,
-        "mode": config["mode"],
-        "dataset": ds.name,
-        "model": config["model"],
-        "width": config["width"],
-    }
-    if FLAGS.torch_checkpoint:  # which file, and the normalisation it carried
-        keys = ("torch_checkpoint", "torch_sha256", "padding", "mean", "std")
-        report["run"] |= {k: config[k] for k in keys}
+    report["run"] = {"workdir": os.fspath(paths.path(run.workdir)), "dataset": ds.name}
+    if torch_sha256:  # which file, and the normalisation it carried
+        keys = ("mode", "model", "torch_checkpoint", "torch_sha256", "padding", "mean", "std")
+    else:
+        report["run"] |= {"step": run.step, "checkpoint": FLAGS.checkpoint, "weights": run.weights}
+        keys = ("mode", "model", "width")
+    report["run"] |= {k: config[k] for k in keys}
     if lock is not None:
         lock.check()
         for path in reports.write_report(run.workdir, report, stem):

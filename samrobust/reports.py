@@ -24,7 +24,12 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as a Markdown table, with the run, the AutoAttack details and warnings."""
     lines = [f"# Robustness evaluation: `{report['suite']}` suite", ""]
     run = report.get("run")
-    if run:
+    if run and "torch_checkpoint" in run:
+        lines.append(
+            f"PyTorch checkpoint `{run['torch_checkpoint']}` (sha256 "
+            f"{run['torch_sha256'][:12]}): {run['model']} on {run['dataset']}."
+        )
+    elif run:
         lines.append(
             f"Run `{run['workdir']}` (checkpoint step {run['step']}): {run['mode']}, "
             f"{run['model']} (width {run['width']}) on {run['dataset']}."
@@ -44,7 +49,10 @@ def markdown(report: dict[str, Any]) -> str:
         if name == "clean":
             what, norm, eps = "clean", "", ""
         elif a["attack"] == "AutoAttack":
-            what = f"AutoAttack standard (n_iter {a['n_iter']}, n_queries {a['n_queries']})"
+            version = a.get("version", "standard")
+            if version == "custom":
+                version = f"custom ({', '.join(a['attacks'])})"
+            what = f"AutoAttack {version} (n_iter {a['n_iter']}, n_queries {a['n_queries']})"
             norm, eps = a["norm"], format_eps(a["eps"])
         else:
             what = f"{a['attack']} {a['loss'].upper()}, step {format_eps(a['step_size'])}"
@@ -78,16 +86,19 @@ def report_stem(
     eps: float | None = None,
     budget: aa.Budget = aa.STANDARD_BUDGET,
     num_examples: int = -1,
+    attacks: tuple[str, ...] = aa.STANDARD_ATTACKS,
 ) -> str:
     """``eval_<suite>``, with the AutoAttack radius for the ``autoattack`` and ``full``
-    suites (``eval_autoattack_linf_8_255``, so radii do not overwrite each other) and
+    suites (``eval_autoattack_linf_8_255``, so radii do not overwrite each other; a custom
+    version's attacks too: ``eval_autoattack-apgd-ce+apgd-t_linf_8_255``) and
     :func:`budget_suffix`, then ``_sub<N>`` when ``num_examples`` asks for the evaluation
     subset of N points (:func:`samrobust.input_pipeline.eval_subset`; reports of other
     point sets never share a stem), then ``_best`` for the best checkpoint or ``_step<N>``
     for step N."""
     stem = f"eval_{suite}"
     if suite in AUTOATTACK_SUITES:
-        stem += autoattack_name(norm, eps).removeprefix("autoattack").replace("/", "_")
+        name = autoattack_name(norm, eps, attacks).removeprefix("autoattack")
+        stem += name.replace("/", "_")
         stem += budget_suffix(budget)
     if num_examples != -1:
         stem += f"_sub{num_examples}"

@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from samrobust import attacks, input_pipeline, parallel, preemption
 from samrobust import autoattack as aa
-from samrobust.attacks import PGDSpec, format_eps
+from samrobust.attacks import PGDSpec, check_norm, format_eps
 from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -250,8 +250,10 @@ def autoattack_suite(
     mesh: Mesh | None = None,
     unroll: int | None = None,
     journal: aa.Journal | None = None,
+    attacks: Sequence[str] = aa.STANDARD_ATTACKS,
 ) -> aa.AutoAttackResult:
-    """AutoAttack "standard" with every batch split over ``mesh``
+    """AutoAttack (``attacks``: the standard four, or a custom version) with every batch
+    split over ``mesh``
     (:func:`samrobust.autoattack.autoattack` with a :class:`~samrobust.autoattack.Sharded`
     runner); ``batch_size`` is global."""
     mesh = mesh or default_mesh()
@@ -268,6 +270,7 @@ def autoattack_suite(
         runner=aa.Sharded(mesh),
         unroll=unroll,
         journal=journal,
+        attacks=attacks,
     )
 
 
@@ -285,7 +288,12 @@ def journal_settings(images: np.ndarray, labels: np.ndarray, **settings: Any) ->
 
 
 def check_settings(
-    suite: str, eps: float | None, norm: str | None, batch_size: int, num_devices: int
+    suite: str,
+    eps: float | None,
+    norm: str | None,
+    batch_size: int,
+    num_devices: int,
+    attacks: Sequence[str] = aa.STANDARD_ATTACKS,
 ) -> tuple[float | None, str | None]:
     """``(eps, norm)`` of AutoAttack (the defaults filled in: Linf, :data:`DEFAULT_EPS`;
     ``(None, None)`` for the suites without AutoAttack) for :func:`evaluate`'s settings;
@@ -296,8 +304,13 @@ def check_settings(
         raise ValueError(
             "eps and norm set the AutoAttack budget: use them with the autoattack or full suite"
         )
+    unknown = [a for a in attacks if a not in aa.ATTACKS]
+    if unknown or not attacks or len(set(attacks)) < len(attacks):
+        raise ValueError(f"attacks {list(attacks)}: distinct names of {aa.ATTACKS}, at least one")
+    if suite not in AUTOATTACK_SUITES and tuple(attacks) != aa.STANDARD_ATTACKS:
+        raise ValueError("attacks choose AutoAttack's: use them with the autoattack or full suite")
     norm = norm or "linf"
-    attacks.check_norm(norm)
+    check_norm(norm)
     if batch_size <= 0 or batch_size % num_devices:
         raise ValueError(
             f"batch size {batch_size} must be a positive multiple of the device count "
@@ -324,6 +337,7 @@ def evaluate(
     budget: aa.Budget = aa.STANDARD_BUDGET,
     unroll: int | None = None,
     journal_dir: str | epath.Path | None = None,
+    attacks: Sequence[str] = aa.STANDARD_ATTACKS,
 ) -> dict[str, Any]:
     """Runs ``suite`` (see the module docstring) on ``logits_fn(variables, x) -> logits``.
 
@@ -331,7 +345,10 @@ def evaluate(
     :data:`AUTOATTACK_SUITES`). ``num_classes`` is checked against the model's output
     (inferred if None).
     ``batch_size`` is global and must divide by the device count; a non-standard ``budget``
-    is warned about. ``unroll``: PGD's ``fori_loop`` unroll (None: full on CPU) and
+    is warned about, and so is a custom version of AutoAttack: ``attacks`` other than the
+    standard four (any of :data:`samrobust.autoattack.ATTACKS`, in that order; its metric
+    is named ``autoattack-<a>+<b>_...``, never ``autoattack_...``). ``unroll``: PGD's
+    ``fori_loop`` unroll (None: full on CPU) and
     AutoAttack's (:func:`samrobust.autoattack.cascade.iterations_per_call`). ``journal_dir``: where
     AutoAttack records finished batches, to resume an interrupted evaluation.
     Returns a dict: ``accuracy`` and ``images_per_s`` (by attack name, ``clean`` first),
@@ -340,7 +357,8 @@ def evaluate(
     :data:`AUTOATTACK_SUITES`), ``warnings``, and the settings.
     """
     mesh = mesh or default_mesh()
-    eps, norm = check_settings(suite, eps, norm, batch_size, mesh.size)
+    eps, norm = check_settings(suite, eps, norm, batch_size, mesh.size, attacks)
+    attacks = tuple(attacks)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
     if not len(images) or len(images) != len(labels):
@@ -380,8 +398,15 @@ def evaluate(
     if suite in AUTOATTACK_SUITES:
         journal = None
         if journal_dir is not None:
+            custom = {} if attacks == aa.STANDARD_ATTACKS else {"attacks": list(attacks)}
             settings = journal_settings(
-                images, labels, eps=eps, norm=norm, seed=seed, **dataclasses.asdict(budget)
+                images,
+                labels,
+                eps=eps,
+                norm=norm,
+                seed=seed,
+                **dataclasses.asdict(budget),
+                **custom,
             )
             journal = aa.Journal(journal_dir, settings)
         result = autoattack_suite(
@@ -397,8 +422,9 @@ def evaluate(
             mesh=mesh,
             unroll=unroll,
             journal=journal,
+            attacks=attacks,
         )
-        warnings += _add_autoattack(report, result, eps, norm, budget, journal)
+        warnings += _add_autoattack(report, result, eps, norm, budget, journal, attacks)
     pgd_acc = [report["accuracy"][s.name] for s in specs]
     warnings += aa.sanity_checks(
         jax.tree_util.Partial(logits_fn, variables),
@@ -407,7 +433,7 @@ def evaluate(
         result=result,
         robust_accuracy=max(pgd_acc) if pgd_acc else None,
         n_target_classes=budget.n_target_classes,
-        attacks=aa.STANDARD_ATTACKS if result is not None else (),
+        attacks=attacks if result is not None else (),
         batch_size=batch_size,
     )
     for w in warnings:
@@ -423,16 +449,19 @@ def _add_autoattack(
     norm: str,
     budget: aa.Budget,
     journal: aa.Journal | None,
+    attacks: tuple[str, ...],
 ) -> list[str]:
     """Adds AutoAttack's accuracy, masks and details to ``report``; its warnings."""
-    name = autoattack_name(norm, eps)
+    name = autoattack_name(norm, eps, attacks)
+    standard = attacks == aa.STANDARD_ATTACKS
     budget_dict = dataclasses.asdict(budget)
     total_s = sum(result.seconds.values())
     report["accuracy"][name] = result.robust_accuracy
     report["images_per_s"][name] = report["num_examples"] / total_s if total_s else None
     report["attacks"][name] = {
         "attack": "AutoAttack",
-        "version": "standard",
+        "version": "standard" if standard else "custom",
+        "attacks": list(attacks),
         "norm": norm,
         "eps": eps,
         **budget_dict,
@@ -462,6 +491,11 @@ def _add_autoattack(
             f"{dataclasses.asdict(aa.STANDARD_BUDGET)}): not the standard protocol; the robust "
             "accuracy may be over-estimated"
         )
+    if not standard:
+        warnings.append(
+            f"a custom AutoAttack ({'+'.join(attacks)}; standard: "
+            f"{'+'.join(aa.STANDARD_ATTACKS)}): not the standard protocol"
+        )
     if sum(result.rejected.values()):
         warnings.append(
             f"attacks returned misclassified points outside the eps-ball or "
@@ -470,9 +504,15 @@ def _add_autoattack(
     return warnings
 
 
-def autoattack_name(norm: str | None = None, eps: float | None = None) -> str:
+def autoattack_name(
+    norm: str | None = None,
+    eps: float | None = None,
+    names: Sequence[str] = aa.STANDARD_ATTACKS,
+) -> str:
     """The AutoAttack metric name, e.g. ``autoattack_linf_8/255`` (defaults: Linf, and
-    :data:`DEFAULT_EPS` of the norm)."""
+    :data:`DEFAULT_EPS` of the norm); a custom version's names its attacks:
+    ``autoattack-apgd-ce+apgd-t_linf_8/255``."""
     norm = norm or "linf"
-    attacks.check_norm(norm)
-    return f"autoattack_{norm}_{format_eps(DEFAULT_EPS[norm] if eps is None else eps)}"
+    check_norm(norm)
+    version = "" if tuple(names) == aa.STANDARD_ATTACKS else "-" + "+".join(names)
+    return f"autoattack{version}_{norm}_{format_eps(DEFAULT_EPS[norm] if eps is None else eps)}"

@@ -17,7 +17,6 @@ import json
 from typing import Any
 
 import jax
-from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,40 +132,23 @@ def run_config(workdir: str) -> dict[str, Any]:
 
 
 TORCH_EVAL_BATCH_SIZE = 256  # a PyTorch checkpoint's evaluation batch (no config says one)
-
-
-def _torch_file(path: str) -> epath.Path:
-    file = paths.path(path)
-    if not file.is_file():
-        raise EvaluationError(f"--torch_checkpoint={path} does not exist")
-    return file
-
-
-def torch_config(path: str, dataset: str) -> dict[str, Any]:
-    """What stands for a run's config when evaluating the PyTorch checkpoint ``path`` (an
-    ``EvaluationError`` if there is none) on ``dataset``: the keys evaluation reads (its model
-    is filled in by loading it)."""
-    _torch_file(path)
-    return {
-        "mode": "torch",
-        "dataset": dataset,
-        "eval_batch_size": TORCH_EVAL_BATCH_SIZE,
-        "seed": 0,
-        "torch_checkpoint": path,
-    }
+TORCH_RECORD = "torch_checkpoint.json"  # which checkpoint a workdir's reports are of
 
 
 def read_torch_state_dict(path: str) -> tuple[dict[str, Any], str]:
-    """``(state_dict as numpy arrays, sha256 of the file)`` of a PyTorch checkpoint: a
-    ``state_dict``, or a dict holding one under ``state_dict``; DataParallel's ``module.``
-    prefixes removed (as RobustBench's loader does)."""
+    """``(state_dict as float32/int numpy arrays, sha256 of the file)`` of a PyTorch
+    checkpoint: a ``state_dict``, or a dict holding one under ``state_dict``; the ``module.``
+    (DataParallel) and ``model.`` prefixes removed, as RobustBench's loader does."""
     try:
         import torch
     except ImportError:
         raise EvaluationError(
             "--torch_checkpoint needs torch: pip install -e '.[reference]'"
         ) from None
-    data = _torch_file(path).read_bytes()
+    file = paths.path(path)
+    if not file.is_file():
+        raise EvaluationError(f"--torch_checkpoint={path} does not exist")
+    data = file.read_bytes()
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for files it cannot read
@@ -180,7 +162,11 @@ def read_torch_state_dict(path: str) -> tuple[dict[str, Any], str]:
         raise EvaluationError(
             f"--torch_checkpoint={path} holds a {type(obj).__name__}, not a state_dict"
         )
-    state = {k.removeprefix("module."): v.numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+    state = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            v = v.float() if v.is_floating_point() else v  # bfloat16 has no numpy type
+            state[k.removeprefix("module.").removeprefix("model.")] = v.numpy()
     return state, hashlib.sha256(data).hexdigest()
 
 
@@ -193,9 +179,10 @@ def load_torch_checkpoint(
     mesh: Mesh | None = None,
 ) -> Run:
     """The RobustBench-format PyTorch checkpoint ``path`` (PreActResNet-18 or WideResNet:
-    :func:`samrobust.torch_weights.from_state_dict`) as a :class:`Run` on ``dataset``'s
-    test split, its reports going to ``workdir``. The model keeps the checkpoint's own input
-    normalisation (its ``mu``/``sigma``, or none), not the dataset's."""
+    :func:`samrobust.torch_weights.from_state_dict`) as a :class:`Run` (step 0) on
+    ``dataset``'s test split, its reports going to ``workdir``. Everything is checked
+    before anything is written. The model keeps the checkpoint's own input normalisation
+    (its ``mu``/``sigma``, or none), not the dataset's."""
     state, sha256 = read_torch_state_dict(path)
     try:
         model, variables = torch_weights.from_state_dict(state)
@@ -203,19 +190,47 @@ def load_torch_checkpoint(
         raise EvaluationError(f"--torch_checkpoint={path}: {e}") from None
     ds = input_pipeline.load(dataset, data_dir)
     classes = variables["params"]["Dense_0"]["bias"].shape[0]
-    if classes != ds.num_classes:
+    channels = variables["params"]["stem"]["kernel"].shape[2]
+    if classes != ds.num_classes or ds.test_images.shape[1:] != (32, 32, channels):
         raise EvaluationError(
-            f"--torch_checkpoint={path} has {classes} outputs but {dataset} has "
-            f"{ds.num_classes} classes: pass the --dataset it was trained on"
+            f"--torch_checkpoint={path} takes 32x32x{channels} images and has {classes} "
+            f"outputs; {dataset} has {ds.test_images.shape[1:]} images and {ds.num_classes} "
+            "classes: pass the --dataset (and --data_dir) it was trained on"
         )
-    config = torch_config(path, dataset) | {
+    config = {
+        "mode": "torch",
+        "dataset": dataset,
+        "data_dir": data_dir,
+        "eval_batch_size": TORCH_EVAL_BATCH_SIZE,
+        "seed": 0,
         "model": torch_weights.architecture(state),
-        "width": int(model.stage_widths[0]),
         "padding": "torch",
         "mean": list(model.mean),
         "std": list(model.std),
-        "data_dir": data_dir,
+        "torch_checkpoint": path,
         "torch_sha256": sha256,
     }
     variables = jax.device_put(variables, NamedSharding(mesh or default_mesh(), P()))
     return Run(workdir, config, 0, model_logits_fn(model.apply), variables, ds)
+
+
+def claim_torch_workdir(workdir: str, run: Run) -> None:
+    """Records in ``workdir`` which PyTorch checkpoint its reports are of (the first
+    evaluation there); an ``EvaluationError`` if it holds another's (or a training run's)."""
+    path = paths.path(workdir)
+    if (path / "config.json").exists():
+        raise EvaluationError(
+            f"--workdir={workdir} is a training run's: give --torch_checkpoint a workdir of its own"
+        )
+    record = path / TORCH_RECORD
+    mine = {k: run.config[k] for k in ("torch_checkpoint", "torch_sha256")}
+    if record.exists():
+        theirs = json.loads(record.read_text())
+        if theirs["torch_sha256"] != mine["torch_sha256"]:
+            raise EvaluationError(
+                f"--workdir={workdir} holds the reports of {theirs['torch_checkpoint']} "
+                f"(sha256 {theirs['torch_sha256'][:12]}), not of this checkpoint: give it "
+                "a workdir of its own"
+            )
+    else:
+        record.write_text(json.dumps(mine, indent=2))

@@ -23,11 +23,13 @@ torch's linear weight ``[out, in]``; Flax BatchNorm's ``scale``/``bias``/``mean`
 are torch's ``weight``/``bias``/``running_mean``/``running_var`` (both with epsilon 1e-5).
 """
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 from samrobust import models
@@ -88,13 +90,48 @@ def _normalisation(state_dict: Mapping[str, Any]) -> tuple[tuple[float, ...], tu
     return (0.0,) * channels, (1.0,) * channels
 
 
+# Entries a state_dict may hold that the forward pass does not use.
+_IGNORED = re.compile(r"(.*\.num_batches_tracked|sub_block1\..*)$")
+
+
 def from_state_dict(
     state_dict: Mapping[str, Any], *, dtype: Any = np.float32
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, variables)``: the Flax model (``padding="torch"``) of a RobustBench
     PreActResNet-18 or WideResNet ``state_dict`` (name -> array) and its weights as
     ``{"params", "batch_stats"}`` numpy trees. Unused entries (``num_batches_tracked``,
-    WideResNet's ``sub_block1``) are ignored."""
+    WideResNet's ``sub_block1``) are ignored; a missing, extra or misshapen entry is a
+    :class:`WeightsError`. (Keys and shapes cannot tell RobustBench's ``PreActBlock`` with
+    ``out_shortcut=False``, whose shortcut reads the block's input, from ``PreActBlockV2``;
+    no RobustBench model pairs it with ``bn_before_fc=True``.)"""
+    try:
+        model, variables = _from_state_dict(state_dict, dtype)
+    except KeyError as e:
+        raise WeightsError(f"missing entry {e} for {architecture(state_dict)}") from None
+    mean, std = model.mean, model.std
+    extra = set(state_dict) - set(to_state_dict(variables, mean, std))
+    extra = sorted(k for k in extra if not _IGNORED.match(k))
+    if extra:
+        raise WeightsError(f"entries {architecture(state_dict)} does not have: {extra[:4]}")
+    channels = variables["params"]["stem"]["kernel"].shape[2]
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 32, 32, channels), np.float32),
+    )
+    expected = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    found = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+    for path, leaf in expected:
+        if path not in found or np.shape(found[path]) != leaf.shape:
+            got = np.shape(found[path]) if path in found else "nothing"
+            raise WeightsError(
+                f"{architecture(state_dict)} {jax.tree_util.keystr(path)}: {got}, "
+                f"expected {leaf.shape} (blocks per stage other than RobustBench's?)"
+            )
+    return model, variables
+
+
+def _from_state_dict(state_dict: Mapping[str, Any], dtype: Any) -> tuple[nn.Module, dict]:
     arch = architecture(state_dict)
     sd = {k: np.asarray(v, dtype) for k, v in state_dict.items()}
     names = _blocks(sd, arch)

@@ -87,7 +87,9 @@ def check_evaluate(argv: list[str]) -> None:
     evaluate.define_flags(fv)
     fv(["samrobust.evaluate", *argv])
     s = evaluate.settings(fv)
-    robustness.check_settings(fv.suite, s.eps, fv.norm, fv.batch_size or 256, fv.cpu_devices or 1)
+    robustness.check_settings(
+        fv.suite, s.eps, fv.norm, fv.batch_size or 256, fv.cpu_devices or 1, s.attacks
+    )
 
 
 def check(command: str) -> None:

@@ -75,6 +75,10 @@ def test_evaluate_user_errors(tmp_path, finished):
         ([f"--workdir={finished}", "--checkpoint=3"], ["no checkpoint of step 3"]),
         ([f"--workdir={finished}", "--suite=autoattack", "--eps=8/0"], ["--eps"]),
         ([f"--workdir={finished}", "--suite=strong"], ["--suite", "paper"]),
+        (
+            [f"--workdir={finished}", "--suite=autoattack", "--attacks=apgd-ce,pgd"],
+            ["--attacks", "distinct names of"],
+        ),
         ([f"--workdir={tmp_path / 'rb'}", "--torch_checkpoint=m.pt"], ["needs --dataset"]),
         (
             [

@@ -15,9 +15,9 @@ def linear_logits(variables, x):
     return x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
 
 
-def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
-    """For a linear model (box inactive) a point is robust iff its distance to the nearest
-    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
+def _linear_problem():
+    """(w, x, y, distance of each point to its nearest decision boundary) of a linear
+    5-class model on 48 points, 4 of them misclassified."""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 5)).astype(np.float32)
     x = rng.uniform(0.3, 0.7, size=(48, 4, 4, 1)).astype(np.float32)
@@ -34,6 +34,13 @@ def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
             for i in range(48)
         ]
     )
+    return w, x, y, dist
+
+
+def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
+    """For a linear model (box inactive) a point is robust iff its distance to the nearest
+    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
+    w, x, y, dist = _linear_problem()
     eps = float(np.median(dist[4:]))
     report = robustness.evaluate(
         linear_logits,
@@ -55,6 +62,37 @@ def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
     assert report["autoattack"]["max_perturbation"] <= eps + 1e-6
     # 4 targets is all there are; the only warning is the reduced budget.
     assert len(report["warnings"]) == 1 and "reduced" in report["warnings"][0]
+
+
+def test_a_custom_autoattack_is_named_by_its_attacks_and_never_reported_as_standard():
+    """``attacks=("apgd-dlr", "apgd-ce")``: only those run, in that order; untargeted
+    APGD-DLR fools points; no point within its boundary distance is called fooled."""
+    w, x, y, dist = _linear_problem()
+    eps = float(np.median(dist[4:]))
+    report = robustness.evaluate(
+        linear_logits,
+        {"w": w, "b": np.zeros(5, np.float32)},
+        x,
+        y,
+        suite="autoattack",
+        eps=eps,
+        norm="l2",
+        batch_size=16,
+        budget=Budget(n_iter=20, n_target_classes=4, n_queries=50),
+        unroll=1,
+        attacks=("apgd-dlr", "apgd-ce"),
+    )
+    name = f"autoattack-apgd-dlr+apgd-ce_l2_{format_eps(eps)}"
+    assert list(report["accuracy"]) == ["clean", name]
+    assert list(report["autoattack"]["stages"]) == ["apgd-dlr", "apgd-ce"]
+    assert report["attacks"][name]["version"] == "custom"
+    robust, clean = report["masks"][name], report["masks"]["clean"]
+    assert np.all(robust[clean & (dist > eps)])  # the truly robust stay robust
+    assert report["masks"][f"{name}/apgd-dlr"].sum() < clean.sum()  # APGD-DLR fooled some
+    assert any("custom AutoAttack" in w for w in report["warnings"])
+    assert "AutoAttack custom (apgd-dlr, apgd-ce)" in reports.markdown(report)
+    stem = reports.report_stem("autoattack", "latest", "l2", eps, attacks=("apgd-dlr", "apgd-ce"))
+    assert stem.startswith("eval_autoattack-apgd-dlr+apgd-ce_l2_")
 
 
 def test_the_clean_suite_is_the_clean_accuracy_alone():
@@ -94,6 +132,9 @@ def test_sanity_checks_reach_the_report():
         ({"suite": "autoattack", "norm": "l1"}, "Unknown norm"),
         ({"eps": 8 / 255}, "AutoAttack budget"),
         ({"suite": "clean", "norm": "l2"}, "AutoAttack budget"),
+        ({"suite": "autoattack", "attacks": ("apgd-ce", "pgd")}, "distinct names"),
+        ({"suite": "autoattack", "attacks": ("apgd-ce", "apgd-ce")}, "distinct names"),
+        ({"attacks": ("apgd-ce",)}, "use them with the autoattack or full suite"),
         ({"batch_size": 12}, "multiple of the device count"),
         ({"num_classes": 10}, "outputs 5 logits"),
     ],

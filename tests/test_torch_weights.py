@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from samrobust import models, torch_weights
+from samrobust import models, runs, torch_weights
 from tests.helpers import load_folder, run_module, write_folder
 
 torch = pytest.importorskip("torch")
@@ -100,22 +100,26 @@ def test_robustbench_preact_resnet18_gives_our_logits_and_loads_ours_back():
 
 def test_robustbench_wide_resnet_without_normalisation_gives_our_logits():
     rb = robustbench_architectures("wide_resnet")
-    net = randomised(rb.WideResNet(depth=10, widen_factor=2, sub_block1=True), 1)
+    net = randomised(rb.WideResNet(depth=16, widen_factor=2, sub_block1=True), 1)
     model, variables = assert_same_logits(net)  # sub_block1 (unused by forward) is ignored
-    assert model.stage_widths == [32, 64, 128] and model.blocks_per_stage == 1
+    assert model.stage_widths == [32, 64, 128] and model.blocks_per_stage == 2
     assert model.mean == (0.0,) * 3 and model.std == (1.0,) * 3
 
     # The reason for padding="torch": the same weights under XLA's SAME padding differ.
-    same = models.wide_resnet(10, 2, 10, model.mean, model.std, padding="same")
+    same = models.wide_resnet(16, 2, 10, model.mean, model.std, padding="same")
     x = images()
     diff = np.abs(np.asarray(same.apply(variables, x, train=False)) - torch_logits(net, x))
     assert diff.max() > 1e-2
 
     back = torch_weights.to_state_dict(variables, model.mean, model.std)
-    fresh = rb.WideResNet(depth=10, widen_factor=2)
+    fresh = rb.WideResNet(depth=16, widen_factor=2)
     fresh.register_buffer("mu", torch.zeros(1, 3, 1, 1))
     fresh.register_buffer("sigma", torch.ones(1, 3, 1, 1))
     fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in back.items()})
+    original = {k: v for k, v in state_dict(net).items() if not k.startswith("sub_block1")}
+    assert set(back) == set(original) | {"mu", "sigma"}
+    for key, value in original.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
 def test_other_architectures_are_named_not_mapped():
@@ -127,6 +131,19 @@ def test_other_architectures_are_named_not_mapped():
         torch_weights.from_state_dict(state_dict(rb.ResNet18()))
     with pytest.raises(torch_weights.WeightsError, match="neither"):
         torch_weights.from_state_dict({"conv.weight": np.zeros((1, 3, 3, 3))})
+
+
+def test_damaged_or_other_layouts_of_a_known_architecture_are_weights_errors():
+    rb = robustbench_architectures("resnet")
+    good = state_dict(rb.PreActResNet(rb.PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True))
+    missing = {k: v for k, v in good.items() if k != "layer2.1.bn1.running_var"}
+    with pytest.raises(torch_weights.WeightsError, match="missing entry"):
+        torch_weights.from_state_dict(missing)
+    with pytest.raises(torch_weights.WeightsError, match="does not have"):
+        torch_weights.from_state_dict(good | {"layer1.0.conv3.weight": np.zeros((64, 64, 1, 1))})
+    other = rb.PreActResNet(rb.PreActBlockV2, [3, 3, 1, 1], bn_before_fc=True)
+    with pytest.raises(torch_weights.WeightsError, match="expected"):
+        torch_weights.from_state_dict(state_dict(other))
 
 
 def test_evaluate_takes_a_robustbench_checkpoint(tmp_path, monkeypatch):
@@ -144,14 +161,15 @@ def test_evaluate_takes_a_robustbench_checkpoint(tmp_path, monkeypatch):
     write_folder(root, per_class=(1, 4), size=32)  # 3 classes, 12 test images
     monkeypatch.setenv("SAMROBUST_CACHE", str(tmp_path / "cache"))
     out = str(tmp_path / "eval")
-    proc = run_module(
+    args = [
         "samrobust.evaluate",
         f"--torch_checkpoint={checkpoint}",
         "--dataset=image_folder",
         f"--data_dir={root}",
         f"--workdir={out}",
         "--suite=clean",
-    )
+    ]
+    proc = run_module(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "eval_clean.json")) as f:
         report = json.load(f)
@@ -163,3 +181,27 @@ def test_evaluate_takes_a_robustbench_checkpoint(tmp_path, monkeypatch):
     with np.load(os.path.join(out, "eval_clean_masks.npz")) as masks:
         np.testing.assert_array_equal(masks["clean"], theirs)
     assert report["accuracy"]["clean"] == pytest.approx(theirs.mean())
+
+    # Another checkpoint's reports would overwrite these: refused, nothing written.
+    other = tmp_path / "other.pt"
+    torch.save(
+        randomised(rb.WideResNet(depth=10, widen_factor=1, num_classes=3), 3).state_dict(), other
+    )
+    before = sorted(os.listdir(out))
+    proc = run_module(*args[:1], f"--torch_checkpoint={other}", *args[2:])
+    assert proc.returncode == 2 and "holds the reports of" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == before
+
+
+def test_a_checkpoint_for_other_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMROBUST_CACHE", str(tmp_path / "cache"))
+    rb = robustbench_architectures("wide_resnet")
+    checkpoint = tmp_path / "model.pt"
+    torch.save(rb.WideResNet(depth=10, widen_factor=1, num_classes=10).state_dict(), checkpoint)
+    root = tmp_path / "images"
+    write_folder(root, per_class=(1, 1), size=32)  # 3 classes
+    with pytest.raises(runs.EvaluationError, match="10 outputs; image_folder has"):
+        runs.load_torch_checkpoint(
+            str(checkpoint), str(tmp_path / "out"), "image_folder", data_dir=str(root)
+        )
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ randomised models (``version="rand"``, EOT) and the L1 versions are not implemen
 
 from samrobust.autoattack.apgd import apgd, apgd_targeted
 from samrobust.autoattack.cascade import (
+    ATTACKS,
     STANDARD_ATTACKS,
     STANDARD_BUDGET,
     AutoAttackResult,
@@ -31,6 +32,7 @@ from samrobust.autoattack.runners import Local, Sharded
 from samrobust.autoattack.square import square_attack
 
 __all__ = [
+    "ATTACKS",
     "STANDARD_ATTACKS",
     "STANDARD_BUDGET",
     "AutoAttackResult",

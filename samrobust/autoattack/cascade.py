@@ -56,6 +56,8 @@ from samrobust.autoattack.runners import Local, Runner, Tree
 from samrobust.autoattack.square import stage as square_stage
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+# Every attack a cascade can run (a custom version: any of them, in any order).
+ATTACKS = (*STANDARD_ATTACKS, "apgd-dlr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +83,13 @@ STANDARD_BUDGET = Budget()
 def make_stages(
     names: Sequence[str], *, eps: float, norm: str, budget: Budget, num_classes: int
 ) -> list[Stage]:
-    """The named attacks of the standard protocol as cascade stages."""
+    """The named attacks (of :data:`ATTACKS`) as cascade stages."""
     n_t = min(budget.n_target_classes, num_classes - 1)
     if n_t < 1:
         raise ValueError(f"AutoAttack needs at least 2 classes; the model has {num_classes}")
     make = {
         "apgd-ce": lambda: apgd_stage(eps=eps, norm=norm, n_iter=budget.n_iter, loss="ce"),
+        "apgd-dlr": lambda: apgd_stage(eps=eps, norm=norm, n_iter=budget.n_iter, loss="dlr"),
         "apgd-t": lambda: apgd_stage(
             eps=eps, norm=norm, n_iter=budget.n_iter, loss="dlr", n_target_classes=n_t
         ),
@@ -95,7 +98,9 @@ def make_stages(
     }
     unknown = [n for n in names if n not in make]
     if unknown:
-        raise ValueError(f"Unknown attacks {unknown}; choose from {STANDARD_ATTACKS}")
+        raise ValueError(f"Unknown attacks {unknown}; choose from {ATTACKS}")
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"attacks must be distinct and at least one; got {list(names)}")
     return [make[n]() for n in names]
 
 
@@ -266,8 +271,8 @@ def autoattack(
     **options: Any,
 ) -> AutoAttackResult:
     """AutoAttack "standard" on ``logits_fn(x) -> logits`` (see the module docstring):
-    :func:`run_cascade` of the ``attacks`` (a sub-sequence of the standard ones) at
-    ``budget``. ``options``: those of :func:`run_cascade`.
+    :func:`run_cascade` of the ``attacks`` at ``budget`` (a custom version: any of
+    :data:`ATTACKS`, in the given order). ``options``: those of :func:`run_cascade`.
 
     Pass a model with parameters as ``jax.tree_util.Partial(apply_fn, variables)``: they are
     then an argument of the jitted attacks, not constants baked into them.
