@@ -85,6 +85,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
     assert report["attacks"][AA] == {
         "attack": "AutoAttack",
         "version": "standard",
+        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
         "norm": "linf",
         "eps": pytest.approx(8 / 255),
         "n_iter": 10,

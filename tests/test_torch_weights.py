@@ -161,20 +161,21 @@ def test_evaluate_takes_a_robustbench_checkpoint(tmp_path, monkeypatch):
     write_folder(root, per_class=(1, 4), size=32)  # 3 classes, 12 test images
     monkeypatch.setenv("SAMROBUST_CACHE", str(tmp_path / "cache"))
     out = str(tmp_path / "eval")
-    args = [
+    proc = run_module(
         "samrobust.evaluate",
         f"--torch_checkpoint={checkpoint}",
         "--dataset=image_folder",
         f"--data_dir={root}",
         f"--workdir={out}",
         "--suite=clean",
-    ]
-    proc = run_module(*args)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "eval_clean.json")) as f:
         report = json.load(f)
     assert report["run"]["torch_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert report["run"]["padding"] == "torch"
+    with open(os.path.join(out, "torch_checkpoint.json")) as f:  # the workdir's owner
+        assert json.load(f)["torch_sha256"] == report["run"]["torch_sha256"]
     assert report["run"]["mean"] == pytest.approx(CIFAR_MEAN)
     ds = load_folder(root, tmp_path)
     theirs = torch_logits(net, ds.test_images).argmax(-1) == ds.test_labels
@@ -182,15 +183,25 @@ def test_evaluate_takes_a_robustbench_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(masks["clean"], theirs)
     assert report["accuracy"]["clean"] == pytest.approx(theirs.mean())
 
-    # Another checkpoint's reports would overwrite these: refused, nothing written.
-    other = tmp_path / "other.pt"
-    torch.save(
-        randomised(rb.WideResNet(depth=10, widen_factor=1, num_classes=3), 3).state_dict(), other
-    )
-    before = sorted(os.listdir(out))
-    proc = run_module(*args[:1], f"--torch_checkpoint={other}", *args[2:])
-    assert proc.returncode == 2 and "holds the reports of" in proc.stderr, proc.stderr[-2000:]
-    assert sorted(os.listdir(out)) == before
+
+def test_a_torch_workdir_belongs_to_one_checkpoint(tmp_path):
+    """The first evaluation records its checkpoint; another's (or a training run's workdir)
+    is refused, so reports of two models never overwrite each other."""
+    workdir = tmp_path / "eval"
+    workdir.mkdir()
+
+    def run(sha256: str) -> runs.Run:
+        config = {"torch_checkpoint": f"/models/{sha256}.pt", "torch_sha256": sha256 * 8}
+        return runs.Run(str(workdir), config, 0, None, None, None)
+
+    runs.claim_torch_workdir(str(workdir), run("a"))
+    runs.claim_torch_workdir(str(workdir), run("a"))  # the same again: fine
+    with pytest.raises(runs.EvaluationError, match="holds the reports of /models/a.pt"):
+        runs.claim_torch_workdir(str(workdir), run("b"))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "config.json").write_text("{}")
+    with pytest.raises(runs.EvaluationError, match="a training run's"):
+        runs.claim_torch_workdir(str(tmp_path / "train"), run("a"))
 
 
 def test_a_checkpoint_for_other_data_is_refused_before_anything_is_written(tmp_path, monkeypatch):
