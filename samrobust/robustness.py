@@ -304,9 +304,7 @@ def check_settings(
         raise ValueError(
             "eps and norm set the AutoAttack budget: use them with the autoattack or full suite"
         )
-    unknown = [a for a in attacks if a not in aa.ATTACKS]
-    if unknown or not attacks or len(set(attacks)) < len(attacks):
-        raise ValueError(f"attacks {list(attacks)}: distinct names of {aa.ATTACKS}, at least one")
+    aa.check_attacks(attacks)
     if suite not in AUTOATTACK_SUITES and tuple(attacks) != aa.STANDARD_ATTACKS:
         raise ValueError("attacks choose AutoAttack's: use them with the autoattack or full suite")
     norm = norm or "linf"

@@ -104,15 +104,16 @@ def from_state_dict(
     :class:`WeightsError`. (Keys and shapes cannot tell RobustBench's ``PreActBlock`` with
     ``out_shortcut=False``, whose shortcut reads the block's input, from ``PreActBlockV2``;
     no RobustBench model pairs it with ``bn_before_fc=True``.)"""
+    arch = architecture(state_dict)
     try:
-        model, variables = _from_state_dict(state_dict, dtype)
+        model, variables = _from_state_dict(state_dict, arch, dtype)
     except KeyError as e:
-        raise WeightsError(f"missing entry {e} for {architecture(state_dict)}") from None
+        raise WeightsError(f"missing entry {e} for {arch}") from None
     mean, std = model.mean, model.std
     extra = set(state_dict) - set(to_state_dict(variables, mean, std))
     extra = sorted(k for k in extra if not _IGNORED.match(k))
     if extra:
-        raise WeightsError(f"entries {architecture(state_dict)} does not have: {extra[:4]}")
+        raise WeightsError(f"entries {arch} does not have: {extra[:4]}")
     channels = variables["params"]["stem"]["kernel"].shape[2]
     shapes = jax.eval_shape(
         functools.partial(model.init, train=False),
@@ -125,14 +126,15 @@ def from_state_dict(
         if path not in found or np.shape(found[path]) != leaf.shape:
             got = np.shape(found[path]) if path in found else "nothing"
             raise WeightsError(
-                f"{architecture(state_dict)} {jax.tree_util.keystr(path)}: {got}, "
+                f"{arch} {jax.tree_util.keystr(path)}: {got}, "
                 f"expected {leaf.shape} (blocks per stage other than RobustBench's?)"
             )
     return model, variables
 
 
-def _from_state_dict(state_dict: Mapping[str, Any], dtype: Any) -> tuple[nn.Module, dict]:
-    arch = architecture(state_dict)
+def _from_state_dict(
+    state_dict: Mapping[str, Any], arch: str, dtype: Any
+) -> tuple[nn.Module, dict]:
     sd = {k: np.asarray(v, dtype) for k, v in state_dict.items()}
     names = _blocks(sd, arch)
     if arch == "preact_resnet18":

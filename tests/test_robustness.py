@@ -37,9 +37,9 @@ def _linear_problem():
     return w, x, y, dist
 
 
-def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
-    """For a linear model (box inactive) a point is robust iff its distance to the nearest
-    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
+def _linear_autoattack(**kwargs):
+    """(boundary distances, eps, report): the autoattack suite on :func:`_linear_problem`
+    at L2 eps = the median distance of the correctly classified points, a small budget."""
     w, x, y, dist = _linear_problem()
     eps = float(np.median(dist[4:]))
     report = robustness.evaluate(
@@ -53,7 +53,15 @@ def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
         batch_size=16,
         budget=Budget(n_iter=20, n_target_classes=4, n_queries=50),
         unroll=1,
+        **kwargs,
     )
+    return dist, eps, report
+
+
+def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
+    """For a linear model (box inactive) a point is robust iff its distance to the nearest
+    decision boundary, ``min_t (z_y - z_t) / ||w_y - w_t||_2``, exceeds eps."""
+    dist, eps, report = _linear_autoattack()
     name = f"autoattack_l2_{format_eps(eps)}"
     assert list(report["accuracy"]) == ["clean", name]
     clean = report["masks"]["clean"]
@@ -67,21 +75,7 @@ def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
 def test_a_custom_autoattack_is_named_by_its_attacks_and_never_reported_as_standard():
     """``attacks=("apgd-dlr", "apgd-ce")``: only those run, in that order; untargeted
     APGD-DLR fools points; no point within its boundary distance is called fooled."""
-    w, x, y, dist = _linear_problem()
-    eps = float(np.median(dist[4:]))
-    report = robustness.evaluate(
-        linear_logits,
-        {"w": w, "b": np.zeros(5, np.float32)},
-        x,
-        y,
-        suite="autoattack",
-        eps=eps,
-        norm="l2",
-        batch_size=16,
-        budget=Budget(n_iter=20, n_target_classes=4, n_queries=50),
-        unroll=1,
-        attacks=("apgd-dlr", "apgd-ce"),
-    )
+    dist, eps, report = _linear_autoattack(attacks=("apgd-dlr", "apgd-ce"))
     name = f"autoattack-apgd-dlr+apgd-ce_l2_{format_eps(eps)}"
     assert list(report["accuracy"]) == ["clean", name]
     assert list(report["autoattack"]["stages"]) == ["apgd-dlr", "apgd-ce"]

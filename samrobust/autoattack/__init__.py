@@ -23,6 +23,7 @@ from samrobust.autoattack.cascade import (
     AutoAttackResult,
     Budget,
     autoattack,
+    check_attacks,
     run_cascade,
 )
 from samrobust.autoattack.checks import sanity_checks
@@ -43,6 +44,7 @@ __all__ = [
     "apgd",
     "apgd_targeted",
     "autoattack",
+    "check_attacks",
     "run_cascade",
     "fab_targeted",
     "sanity_checks",

@@ -80,10 +80,19 @@ class Budget:
 STANDARD_BUDGET = Budget()
 
 
+def check_attacks(names: Sequence[str]) -> None:
+    """A ``ValueError`` unless ``names`` are distinct names of :data:`ATTACKS`, at least one."""
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names or len(set(names)) < len(names):
+        what = f"Unknown attacks {unknown}" if unknown else f"attacks {list(names)}"
+        raise ValueError(f"{what}: give distinct names of {ATTACKS}, at least one")
+
+
 def make_stages(
     names: Sequence[str], *, eps: float, norm: str, budget: Budget, num_classes: int
 ) -> list[Stage]:
     """The named attacks (of :data:`ATTACKS`) as cascade stages."""
+    check_attacks(names)
     n_t = min(budget.n_target_classes, num_classes - 1)
     if n_t < 1:
         raise ValueError(f"AutoAttack needs at least 2 classes; the model has {num_classes}")
@@ -96,11 +105,6 @@ def make_stages(
         "fab-t": lambda: fab_stage(eps=eps, norm=norm, n_iter=budget.n_iter, n_target_classes=n_t),
         "square": lambda: square_stage(eps=eps, norm=norm, n_queries=budget.n_queries),
     }
-    unknown = [n for n in names if n not in make]
-    if unknown:
-        raise ValueError(f"Unknown attacks {unknown}; choose from {ATTACKS}")
-    if not names or len(set(names)) < len(names):
-        raise ValueError(f"attacks must be distinct and at least one; got {list(names)}")
     return [make[n]() for n in names]
 
 
