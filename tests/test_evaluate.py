@@ -28,7 +28,7 @@ N = 32  # test examples evaluated
 AA_FAST = ["--n_iter=10", "--n_queries=100", "--unroll=1"]
 # The reports' stems: a reduced budget is named, never written as the standard protocol.
 FULL_STEM = f"eval_full_linf_8_255_it10_tc9_q100_sub{N}"
-AA_STEM = "eval_autoattack_linf_8_255_it10_tc9_q100_sub64"
+AA_STEM = f"eval_autoattack_linf_8_255_it10_tc9_q100_sub{N}"
 PAPER = [
     "clean",
     "pgd10_ce_linf_1/255",
@@ -265,20 +265,18 @@ def test_two_evaluate_processes_match_one_process_with_two_devices(run_dir, tmp_
 
 
 @pytest.mark.slow
-def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, tmp_path):
+def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, full_eval, tmp_path):
     """SIGKILL an ``--suite=autoattack`` evaluation once its journal holds a few batches;
     the same command again finishes from there (taking over the dead process's lock) and
-    writes what an uninterrupted evaluation writes."""
+    reports what the uninterrupted ``full_eval`` reports for AutoAttack (same points, devices,
+    batches, budget and seed), point by point."""
     import signal
     import time
 
-    flags = ["--suite=autoattack", "--num_examples=64", "--batch_size=16", *AA_FAST]
-    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    for copy in (whole, killed):
-        shutil.copytree(run_dir, copy)
-    proc = run_evaluate(whole, *flags, devices=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+    _, whole, whole_masks = full_eval
+    flags = ["--suite=autoattack", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST]
+    killed = str(tmp_path / "killed")
+    shutil.copytree(run_dir, killed)
     journal = os.path.join(killed, f"{AA_STEM}_journal")
     child = subprocess.Popen(
         [sys.executable, "-m", "samrobust.evaluate", f"--workdir={killed}", *flags],
@@ -301,11 +299,12 @@ def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, tmp_
     proc = run_evaluate(killed, *flags, devices=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stale" in proc.stderr  # the killed process's lock
-    reports = [json.load(open(os.path.join(w, f"{AA_STEM}.json"))) for w in (whole, killed)]
-    assert reports[1]["autoattack"]["resumed_batches"] >= 3
-    assert reports[0]["accuracy"] == reports[1]["accuracy"]
-    assert reports[0]["autoattack"]["stages"] == reports[1]["autoattack"]["stages"]
-    masks = [np.load(os.path.join(w, f"{AA_STEM}_masks.npz")) for w in (whole, killed)]
-    for key in masks[0].files:
-        np.testing.assert_array_equal(masks[0][key], masks[1][key])
+    report = json.load(open(os.path.join(killed, f"{AA_STEM}.json")))
+    assert report["autoattack"]["resumed_batches"] >= 3
+    assert report["accuracy"] == {k: whole["accuracy"][k] for k in ("clean", AA)}
+    assert report["autoattack"]["stages"] == whole["autoattack"]["stages"]
+    masks = np.load(os.path.join(killed, f"{AA_STEM}_masks.npz"))
+    assert AA.replace("/", "_") in masks.files and set(masks.files) <= set(whole_masks)
+    for key in masks.files:
+        np.testing.assert_array_equal(masks[key], whole_masks[key])
     assert not os.path.exists(journal)  # removed once the report is written

@@ -175,6 +175,12 @@ def test_digits_split_is_fixed_and_stratified():
         np.concatenate([a.train_labels, a.test_labels]), minlength=10
     )
     np.testing.assert_allclose(counts, 0.2, atol=0.01)
+    # The file read directly is what scikit-learn's loader returns, row for row.
+    from sklearn.datasets import load_digits
+
+    raw, rows = load_digits(), input_pipeline._sklearn_digits()
+    np.testing.assert_array_equal(rows[:, :-1].reshape(-1, 8, 8), raw.images)
+    np.testing.assert_array_equal(rows[:, -1], raw.target)
 
 
 def test_train_batches_resume_and_host_slices():
