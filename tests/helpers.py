@@ -98,9 +98,11 @@ def run_module(
     )
 
 
-def run_two_processes(command: list[str], timeout: float = 600) -> None:
+def run_two_processes(
+    command: list[str], timeout: float = 600, devices_per_process: int = 1
+) -> str:
     """``command`` as processes 0 and 1 of a 2-process JAX job on 127.0.0.1; both must
-    succeed."""
+    succeed. Returns process 0's stderr."""
     port = free_port()
     procs = [
         subprocess.Popen(
@@ -111,16 +113,19 @@ def run_two_processes(command: list[str], timeout: float = 600) -> None:
                 f"--process_id={i}",
             ],
             cwd=REPO,
-            env=subprocess_env(1),
+            env=subprocess_env(devices_per_process),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
         for i in range(2)
     ]
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-4000:]
+        errs.append(err)
+    return errs[0]
 
 
 def read_results(workdir: str) -> dict:
