@@ -1,4 +1,5 @@
-"""RobustBench's PyTorch weights <-> samrobust's Flax variables (numpy only: no torch).
+"""RobustBench's PyTorch weights <-> samrobust's Flax variables (numpy; torch only to write
+a file), and the RobustBench record of an exported run.
 
 Two RobustBench architectures are samrobust's own models, parameter for parameter:
 
@@ -17,6 +18,7 @@ pixels (mean 0, std 1).
   model, variables = from_state_dict({k: v.numpy() for k, v in torch.load(f).items()})
   logits = model.apply(variables, images_nhwc, train=False)
   state_dict = to_state_dict(variables, mean, std)  # back: RobustBench's names and layouts
+  save(state_dict, epath.Path("model.pt"))  # torch.save of tensors (needs torch)
 
 Layouts: Flax conv kernels are HWIO, torch's OIHW; a Flax dense kernel is ``[in, out]``,
 torch's linear weight ``[out, in]``; Flax BatchNorm's ``scale``/``bias``/``mean``/``var``
@@ -31,14 +33,28 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from samrobust import models
+from samrobust.attacks import format_eps
 
 ARCHITECTURES = ("preact_resnet18", "wide_resnet")
 # A PreActResNet block's torch names -> its Flax names.
 _BLOCK = {"bn1": "BatchNorm_0", "conv1": "Conv_0", "bn2": "BatchNorm_1", "conv2": "Conv_1"}
 _BN = {"weight": "scale", "bias": "bias"}
 _BN_STATS = {"running_mean": "mean", "running_var": "var"}
+
+# samrobust models (``config.model``) that RobustBench's classes hold: the class, and the
+# architecture name RobustBench's model-info records use.
+ROBUSTBENCH_CLASSES = {
+    "preact_resnet18": (
+        "PreActResNet(PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True) with mu/sigma buffers",
+        "PreActResNet-18",
+    ),
+    "wrn28_10": ("WideResNet(depth=28, widen_factor=10) with mu/sigma buffers", "WideResNet-28-10"),
+    "wrn34_10": ("WideResNet(depth=34, widen_factor=10) with mu/sigma buffers", "WideResNet-34-10"),
+}
+THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # RobustBench's names of our norms
 
 
 class WeightsError(ValueError):
@@ -226,3 +242,67 @@ def _numpy(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _numpy(v) for k, v in tree.items()}
     return np.asarray(tree, np.float32)
+
+
+def save(state_dict: Mapping[str, Any], path: epath.Path) -> None:
+    """``torch.save`` of ``state_dict`` as CPU tensors at ``path`` (local or e.g. gs://)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, buffer)
+    path.write_bytes(buffer.getvalue())
+
+
+def export_problem(config: Mapping[str, Any]) -> str | None:
+    """Why RobustBench's classes cannot hold a run of ``config`` (a training run's
+    ``config.json``), with the fix; ``None`` when they can."""
+    if config["model"] not in ROBUSTBENCH_CLASSES:
+        return (
+            f"model {config['model']} is none of RobustBench's classes: train one of "
+            f"{', '.join(ROBUSTBENCH_CLASSES)} (--config.model=...)"
+        )
+    if config["model"] == "preact_resnet18" and config["width"] != 64:
+        return (
+            f"width {config['width']}: RobustBench's PreActResNet-18 has width 64 "
+            "(--config.width=64)"
+        )
+    if config.get("padding", "same") != "torch":
+        return (
+            "its stride-2 convs pad like XLA (padding 'same'), RobustBench's like PyTorch: "
+            "train with --config.padding=torch"
+        )
+    return None
+
+
+def model_info(report: Mapping[str, Any], name: str, dataset: str) -> dict[str, Any]:
+    """The record RobustBench's ``benchmark(..., to_disk=True)`` writes to
+    ``model_info/<dataset>/<Linf|L2>/<name>.json`` (every field of its ``ModelInfo``, in its
+    order; accuracies in percent as strings with 2 decimals, as it writes them), filled from
+    a samrobust AutoAttack ``report`` of a run (:mod:`samrobust.evaluate`)."""
+    attack = report["autoattack"]["name"]
+    settings = report["attacks"][attack]
+    points = "all" if report["subset"]["rule"] == "all" else report["num_examples"]
+    return {
+        "link": None,
+        "name": name,
+        "authors": None,
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": dataset,
+        "venue": None,
+        "architecture": ROBUSTBENCH_CLASSES[report["run"]["model"]][1],
+        "eps": settings["eps"],
+        "clean_acc": str(round(report["accuracy"]["clean"] * 100, 2)),
+        "reported": None,
+        "corruptions_acc": None,
+        "corruptions_acc_3d": None,
+        "corruptions_mce": None,
+        "corruptions_mce_3d": None,
+        "autoattack_acc": str(round(report["accuracy"][attack] * 100, 2)),
+        "footnote": (
+            f"samrobust's JAX AutoAttack ({settings['version']}, {settings['norm']} "
+            f"{format_eps(settings['eps'])}) on {points} test points; step {report['run']['step']}"
+        ),
+    }

@@ -21,7 +21,7 @@ import subprocess
 import pytest
 from absl import flags
 
-from samrobust import evaluate, main, robustness
+from samrobust import evaluate, export, main, robustness
 from tests.helpers import REPO
 
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))]
@@ -103,6 +103,10 @@ def check(command: str) -> None:
         check_main(argv)
     elif module == "samrobust.evaluate":
         check_evaluate(argv)
+    elif module == "samrobust.export":
+        fv = flags.FlagValues()
+        export.define_flags(fv)
+        fv(["samrobust.export", *argv])
     elif module == "experiments.sweep" and "--dry_run" in argv:
         from experiments import sweep
 

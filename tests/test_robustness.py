@@ -15,36 +15,41 @@ def linear_logits(variables, x):
     return x.reshape(x.shape[0], -1) @ variables["w"] + variables["b"]
 
 
-def _linear_problem():
-    """(w, x, y, distance of each point to its nearest decision boundary) of a linear
-    5-class model on 48 points, 4 of them misclassified."""
+def _linear_problem(k: int = 5):
+    """(w, b, x, y, distance of each point to its nearest decision boundary) of a linear
+    ``k``-class model on 48 points, 4 of them misclassified; ``b`` centres the logits, so
+    that the boundaries run through the data and the nearest boundary point of every
+    point lies inside the [0, 1] box (checked: the distance is then the true one)."""
     rng = np.random.default_rng(0)
-    w = rng.normal(size=(16, 5)).astype(np.float32)
+    w = rng.normal(size=(16, k)).astype(np.float32)
     x = rng.uniform(0.3, 0.7, size=(48, 4, 4, 1)).astype(np.float32)
     z = x.reshape(48, -1) @ w
+    b = -z.mean(axis=0)
+    z = z + b
     y = np.argmax(z, axis=1).astype(np.int32)
-    y[:4] = (y[:4] + 1) % 5  # 4 misclassified points
-    dist = np.array(
-        [
-            min(
-                (z[i, y[i]] - z[i, t]) / np.linalg.norm(w[:, y[i]] - w[:, t])
-                for t in range(5)
-                if t != y[i]
-            )
-            for i in range(48)
-        ]
-    )
-    return w, x, y, dist
+    y[:4] = (y[:4] + 1) % k  # 4 misclassified points
+    dist = np.zeros(48)
+    for i in range(48):
+        d, u = min(
+            ((z[i, y[i]] - z[i, u]) / np.linalg.norm(w[:, u] - w[:, y[i]]), u)
+            for u in range(k)
+            if u != y[i]
+        )
+        dist[i] = d
+        step = w[:, u] - w[:, y[i]]
+        nearest = x[i].reshape(-1) + d * step / np.linalg.norm(step)
+        assert d <= 0 or 0 <= nearest.min() <= nearest.max() <= 1
+    return w, b, x, y, dist
 
 
-def _linear_autoattack(**kwargs):
+def _linear_autoattack(k: int = 5, **kwargs):
     """(boundary distances, eps, report): the autoattack suite on :func:`_linear_problem`
     at L2 eps = the median distance of the correctly classified points, a small budget."""
-    w, x, y, dist = _linear_problem()
+    w, b, x, y, dist = _linear_problem(k)
     eps = float(np.median(dist[4:]))
     report = robustness.evaluate(
         linear_logits,
-        {"w": w, "b": np.zeros(5, np.float32)},
+        {"w": w, "b": b},
         x,
         y,
         suite="autoattack",
@@ -70,6 +75,21 @@ def test_autoattack_suite_finds_the_exact_robust_set_of_a_linear_model():
     assert report["autoattack"]["max_perturbation"] <= eps + 1e-6
     # 4 targets is all there are; the only warning is the reduced budget.
     assert len(report["warnings"]) == 1 and "reduced" in report["warnings"][0]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_autoattack_on_two_or_three_classes_targets_the_classes_there_are(k):
+    """Fewer classes than 4 target classes + 1 (as the reference does: the target count is
+    capped at k - 1, and the report warns, naming the DLR loss's fallback): still exactly
+    the points farther than eps from every boundary stay robust."""
+    dist, eps, report = _linear_autoattack(k)
+    name = f"autoattack_l2_{format_eps(eps)}"
+    clean = report["masks"]["clean"]
+    np.testing.assert_array_equal(clean, np.arange(48) >= 4)
+    np.testing.assert_array_equal(report["masks"][name], clean & (dist > eps))
+    assert 0 < report["masks"][name].sum() < clean.sum()  # both kinds of point present
+    assert f"4 target classes requested but only {k - 1} are possible" in report["warnings"]
+    assert any(f"with only {k} classes" in w and "DLR" in w for w in report["warnings"])
 
 
 def test_a_custom_autoattack_is_named_by_its_attacks_and_never_reported_as_standard():

@@ -6,6 +6,7 @@ The classes come from the installed ``robustbench`` (the ``reference`` extra), l
 its files: ``import robustbench`` also imports torchvision, whose registry wheel is built
 for CUDA torch and does not load beside the CPU torch these machines install."""
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -16,7 +17,15 @@ import numpy as np
 import pytest
 
 from samrobust import models, runs, torch_weights
-from tests.helpers import load_folder, run_module, write_folder
+from tests.helpers import (
+    CIFAR10_JPEG,
+    REPO,
+    extract_slice,
+    load_folder,
+    run_main,
+    run_module,
+    write_folder,
+)
 
 torch = pytest.importorskip("torch")
 if importlib.util.find_spec("robustbench") is None:  # finds, does not import
@@ -216,3 +225,88 @@ def test_a_checkpoint_for_other_data_is_refused_before_anything_is_written(tmp_p
             str(checkpoint), str(tmp_path / "out"), "image_folder", data_dir=str(root)
         )
     assert not (tmp_path / "out").exists()
+
+
+def robustbench_model_info_fields() -> list[str]:
+    """The fields of RobustBench's ``ModelInfo`` (``robustbench/utils.py``, what its
+    ``benchmark(..., to_disk=True)`` writes), read from the source: importing it imports
+    torchvision."""
+    root = importlib.util.find_spec("robustbench").submodule_search_locations[0]
+    with open(os.path.join(root, "utils.py")) as f:
+        tree = ast.parse(f.read())
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "ModelInfo")
+    return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+
+
+def test_model_info_is_robustbench_record_of_an_autoattack_report():
+    """The record of a real report (AT Linf 8/255 of the CIFAR-10 grid, AutoAttack on the
+    1,000-point subset): RobustBench's fields in its order, its formats, our figures."""
+    path = "experiments/results/cifar10_cpu/runs/at_linf_eps8_s0/"
+    with open(os.path.join(REPO, path, "eval_autoattack_linf_8_255_sub1000.json")) as f:
+        report = json.load(f)
+    info = torch_weights.model_info(report, "at_linf_8", "cifar10")
+    assert list(info) == robustbench_model_info_fields()
+    assert info["clean_acc"] == "45.6" and info["autoattack_acc"] == "23.1"
+    assert info["eps"] == pytest.approx(8 / 255) and info["architecture"] == "PreActResNet-18"
+    assert info["name"] == "at_linf_8" and info["dataset"] == "cifar10"
+    assert info["additional_data"] is False and info["number_forward_passes"] == 1
+    assert "standard, linf 8/255) on 1000 test points; step 1248" in info["footnote"]
+
+
+@pytest.mark.slow
+def test_export_writes_weights_robustbench_loads(tmp_path, monkeypatch):
+    """``samrobust.export`` of a width-64 PreActResNet-18 run (``padding=torch``, one step on
+    2 train images per class of the CIFAR-10 JPEG copy): RobustBench's class loads the file
+    and gives the run's logits; model_info waits for the run's AutoAttack report."""
+    root = tmp_path / "cifar10"
+    extract_slice(CIFAR10_JPEG, root, {"train": 2, "test": 2})
+    monkeypatch.setenv("SAMROBUST_CACHE", str(tmp_path / "cache"))
+    workdir, out = str(tmp_path / "run"), tmp_path / "out"
+    run_main(
+        "configs/sgd.py",
+        workdir,
+        "--config.dataset=image_folder",
+        f"--config.data_dir={root}",
+        "--config.width=64",
+        "--config.padding=torch",
+        "--config.num_epochs=1",
+        "--config.batch_size=20",
+        "--config.eval_batch_size=20",
+        "--config.eval_pgd_steps=0",
+    )
+    proc = run_module(
+        "samrobust.export", f"--workdir={workdir}", f"--out={out}", "--dataset=cifar10"
+    )
+    assert proc.returncode == 2 and not out.exists(), proc.stderr[-3000:]
+    assert "samrobust.evaluate --workdir=" in proc.stderr and "--weights_only" in proc.stderr
+
+    proc = run_module(
+        "samrobust.export",
+        f"--workdir={workdir}",
+        f"--out={out}",
+        "--weights_only",
+        "--name=m",
+        "--dataset=cifar10",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "model_info").exists()
+    rb = robustbench_architectures("resnet")
+    net = rb.PreActResNet(rb.PreActBlockV2, [2, 2, 2, 2], bn_before_fc=True)
+    net.register_buffer("mu", torch.zeros(1, 3, 1, 1))
+    net.register_buffer("sigma", torch.ones(1, 3, 1, 1))
+    net.load_state_dict(torch.load(out / "m.pt"))  # strict: every entry, no other
+    run = runs.load_run(workdir)
+    x = run.dataset.test_images
+    ours = np.asarray(jax.jit(run.logits_fn)(run.variables, x))
+    theirs = torch_logits(net.eval(), x)
+    assert np.abs(theirs).max() > 0.1
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_export_refuses_a_run_robustbench_cannot_hold(tmp_path):
+    """A grid run (width 8, XLA padding): the width is named with the fix, nothing written."""
+    run = os.path.join(REPO, "experiments/results/cifar10_cpu/runs/sgd_s0")
+    out = tmp_path / "out"
+    proc = run_module("samrobust.export", f"--workdir={run}", f"--out={out}")
+    assert proc.returncode == 2 and not out.exists(), proc.stderr[-3000:]
+    assert "width 8: RobustBench's PreActResNet-18 has width 64 (--config.width=64)" in proc.stderr
