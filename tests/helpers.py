@@ -98,9 +98,7 @@ def run_module(
     )
 
 
-def run_two_processes(
-    command: list[str], timeout: float = 600, devices_per_process: int = 1
-) -> str:
+def run_two_processes(command: list[str], timeout: float = 600) -> str:
     """``command`` as processes 0 and 1 of a 2-process JAX job on 127.0.0.1; both must
     succeed. Returns process 0's stderr."""
     port = free_port()
@@ -113,7 +111,7 @@ def run_two_processes(
                 f"--process_id={i}",
             ],
             cwd=REPO,
-            env=subprocess_env(devices_per_process),
+            env=subprocess_env(1),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

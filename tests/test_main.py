@@ -121,10 +121,11 @@ def sam_on_2_devices(tmp_path_factory) -> str:
 @pytest.mark.parametrize("mode", ["sam_at", pytest.param("sam", marks=pytest.mark.slow)])
 def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, request, mode):
     """SAM + AT on 1 device; SAM sharded over 2 (against the shared reference)."""
-    overrides = [*RESUMABLE, TWO_DEVICES] if mode == "sam" else RESUMABLE
     if mode == "sam":
+        overrides = [*RESUMABLE, TWO_DEVICES]
         reference = request.getfixturevalue("sam_on_2_devices")
     else:
+        overrides = RESUMABLE
         reference = str(tmp_path / "reference")
         run_main(f"configs/{mode}.py:digits", reference, *overrides)
 
