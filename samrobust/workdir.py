@@ -360,7 +360,8 @@ class WorkdirLock:
         self.held = False
         self._stop.set()
         if self._refresher is not None:
-            self._refresher.join()
+            if self._refresher.is_alive():  # not if a signal interrupted its start: it
+                self._refresher.join()  # then sees the stop event whenever it runs
             self._refresher = None
         found = self.file.read()
         with contextlib.suppress(ValueError):  # unreadable: not one this process wrote

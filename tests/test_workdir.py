@@ -48,6 +48,20 @@ def test_lock_is_exclusive_released_and_stale_ones_are_taken_over(tmp_path, capl
     assert not (tmp_path / "run" / LOCK_NAME).exists()  # released on exit
 
 
+def test_a_signal_while_the_heartbeat_starts_still_releases_the_lock(tmp_path, monkeypatch):
+    """SIGTERM's ``SystemExit`` inside ``Thread.start`` (before the heartbeat thread counts as
+    started, seen in CI): the signal's exit propagates and the lock is deleted."""
+
+    def interrupted_start(self):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(SystemExit):
+        with WorkdirLock(str(tmp_path / "run"), "evaluation"):
+            pass
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
 def other_host(age_s: float | None) -> dict:
     """A lock record of another host whose heartbeat is ``age_s`` old (None: written before
     leases, without one)."""
