@@ -34,7 +34,6 @@ the command line.
 """
 
 import dataclasses
-import functools
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -46,14 +45,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from samrobust import attacks, input_pipeline, parallel, preemption
 from samrobust import autoattack as aa
 from samrobust.attacks import PGDSpec, check_norm, format_eps
-from samrobust.parallel import AXIS, default_mesh, gather, replicate, shard_batch
+from samrobust.correctness import ApplyFn, correctness, make_correct_fn
+from samrobust.parallel import default_mesh, replicate
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
 SUITES = ("clean", "paper", "autoattack", "full")
 AUTOATTACK_SUITES = ("autoattack", "full")  # the suites that run AutoAttack
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
@@ -77,117 +74,6 @@ def model_logits_fn(apply_fn: Callable) -> ApplyFn:
     return lambda variables, x: apply_fn(variables, x, train=False)
 
 
-# --------------------------------------------------------------------------------------------
-# PGD
-# --------------------------------------------------------------------------------------------
-
-
-def make_correct_fn(
-    logits_fn: ApplyFn, spec: PGDSpec | None, mesh: Mesh, unroll: int | None = None
-) -> Callable:
-    """Jitted ``(variables, x, y, key) -> per-example correctness`` under ``spec`` (None: clean).
-
-    ``eps`` and ``step_size`` are traced, so budgets that share norm, steps and loss share
-    one compiled program. ``unroll``: PGD's ``fori_loop`` unroll (None: ``attacks.pgd``'s).
-    """
-    if spec is None:
-        return functools.partial(
-            _correct_fn(logits_fn, None, None, None, None, mesh, 1.0, True), eps=0.0, step_size=0.0
-        )
-    return functools.partial(
-        _correct_fn(
-            logits_fn,
-            spec.norm,
-            spec.steps,
-            spec.loss,
-            unroll,
-            mesh,
-            spec.start_scale,
-            spec.project,
-        ),
-        eps=spec.eps,
-        step_size=spec.step_size,
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _correct_fn(logits_fn, norm, steps, loss, unroll, mesh, start_scale, project):
-    def local(variables, x, y, key, eps, step_size):
-        if norm is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-            loss_fn = attacks.input_loss(lambda z: logits_fn(variables, z), loss)
-            x = attacks.pgd(
-                loss_fn,
-                x,
-                y,
-                key,
-                eps=eps,
-                step_size=step_size,
-                steps=steps,
-                norm=norm,
-                unroll=unroll,
-                start_scale=start_scale,
-                project_to_ball=project,
-            )
-        return jnp.argmax(logits_fn(variables, x), axis=-1) == y
-
-    mapped = parallel.sharded_jit(
-        local,
-        mesh,
-        (P(), P(AXIS), P(AXIS), P(), P(), P()),
-        P(AXIS),
-    )
-    return jax.jit(
-        lambda variables, x, y, key, *, eps, step_size: mapped(
-            variables, x, y, key, jnp.float32(eps), jnp.float32(step_size)
-        )
-    )
-
-
-def correctness(
-    correct_fn: Callable,
-    variables: Any,
-    images: np.ndarray,
-    labels: np.ndarray,
-    key: jax.Array,
-    *,
-    batch_size: int,
-    mesh: Mesh,
-    name: str | None = None,
-) -> np.ndarray:
-    """Per-example correctness (bool array over ``images``) of a ``make_correct_fn`` function.
-
-    With ``name``, logs progress after the first batch and then at most every 10 s: batch,
-    accuracy so far, images/s.
-    """
-    out, n_correct, start, logged = [], 0, time.perf_counter(), -np.inf
-    n_batches = -(-len(images) // batch_size)
-    batches = input_pipeline.eval_batches(
-        images,
-        labels,
-        batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    for i, (x, y, _) in enumerate(batches):
-        preemption.exit_if_signalled()
-        c = correct_fn(variables, *shard_batch(mesh, x, y), jax.random.fold_in(key, i))
-        out.append(gather(c)[: len(images) - i * batch_size])
-        n_correct += int(out[-1].sum())
-        now = time.perf_counter()
-        if name and now - logged >= 10:
-            logged, done = now, min((i + 1) * batch_size, len(images))
-            logging.info(
-                "eval %s batch %d/%d: accuracy %.4f so far (%.0f img/s)",
-                name,
-                i + 1,
-                n_batches,
-                n_correct / done,
-                done / (now - start),
-            )
-    return np.concatenate(out)
-
-
 def pgd_suite(
     logits_fn: ApplyFn,
     variables: Any,
@@ -203,7 +89,7 @@ def pgd_suite(
     """Clean and PGD accuracies; returns ``{"accuracy": {...}, "masks": {...}, "images_per_s"}``.
 
     ``batch_size`` is global and must divide by the device count. ``unroll``: see
-    :func:`make_correct_fn`.
+    :func:`samrobust.correctness.make_correct_fn`.
     """
     mesh = mesh or default_mesh()
     variables = replicate(variables, mesh)
@@ -359,13 +245,8 @@ def evaluate(
     attacks = tuple(attacks)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
-    if not len(images) or len(images) != len(labels):
-        raise ValueError(f"need as many labels as images (> 0); got {len(images)}, {len(labels)}")
     variables = replicate(variables, mesh)
-    out = jax.eval_shape(logits_fn, variables, jax.ShapeDtypeStruct(images[:1].shape, jnp.float32))
-    if num_classes is not None and out.shape[-1] != num_classes:
-        raise ValueError(f"num_classes={num_classes} but the model outputs {out.shape[-1]} logits")
-    num_classes = out.shape[-1]
+    num_classes = _checked_num_classes(logits_fn, variables, images, labels, num_classes)
 
     specs = SUITE_PGD[suite]
     pgd = pgd_suite(
@@ -396,17 +277,7 @@ def evaluate(
     if suite in AUTOATTACK_SUITES:
         journal = None
         if journal_dir is not None:
-            custom = {} if attacks == aa.STANDARD_ATTACKS else {"attacks": list(attacks)}
-            settings = journal_settings(
-                images,
-                labels,
-                eps=eps,
-                norm=norm,
-                seed=seed,
-                **dataclasses.asdict(budget),
-                **custom,
-            )
-            journal = aa.Journal(journal_dir, settings)
+            journal = _journal(journal_dir, images, labels, eps, norm, seed, budget, attacks)
         result = autoattack_suite(
             logits_fn,
             variables,
@@ -438,6 +309,40 @@ def evaluate(
         logging.warning("sanity check: %s", w)
     report["warnings"] = warnings
     return report
+
+
+def _checked_num_classes(
+    logits_fn: ApplyFn,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int | None,
+) -> int:
+    """The model's class count, checked against ``num_classes`` and the inputs' shapes."""
+    if not len(images) or len(images) != len(labels):
+        raise ValueError(f"need as many labels as images (> 0); got {len(images)}, {len(labels)}")
+    out = jax.eval_shape(logits_fn, variables, jax.ShapeDtypeStruct(images[:1].shape, jnp.float32))
+    if num_classes is not None and out.shape[-1] != num_classes:
+        raise ValueError(f"num_classes={num_classes} but the model outputs {out.shape[-1]} logits")
+    return out.shape[-1]
+
+
+def _journal(
+    journal_dir: str | epath.Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    eps: float,
+    norm: str,
+    seed: int,
+    budget: aa.Budget,
+    attacks: tuple[str, ...],
+) -> aa.Journal:
+    """AutoAttack's journal, keyed by everything its results depend on."""
+    custom = {} if attacks == aa.STANDARD_ATTACKS else {"attacks": list(attacks)}
+    settings = journal_settings(
+        images, labels, eps=eps, norm=norm, seed=seed, **dataclasses.asdict(budget), **custom
+    )
+    return aa.Journal(journal_dir, settings)
 
 
 def _add_autoattack(

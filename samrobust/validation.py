@@ -15,7 +15,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from samrobust import attacks, input_pipeline, paths, robustness
+from samrobust import attacks, correctness, input_pipeline, paths, robustness
 from samrobust.checkpoint import BEST_METRIC, Checkpointer
 from samrobust.config_check import uses_attack
 from samrobust.metrics import MetricWriter
@@ -72,8 +72,8 @@ class Validator:
         self.mesh, self.key = mesh, key
         logits_fn = robustness.model_logits_fn(apply_fn)
         self.fns = {
-            "clean": robustness.make_correct_fn(logits_fn, None, mesh),
-            "robust": robustness.make_correct_fn(logits_fn, self.spec, mesh),
+            "clean": correctness.make_correct_fn(logits_fn, None, mesh),
+            "robust": correctness.make_correct_fn(logits_fn, self.spec, mesh),
         }
         self.checkpointer = Checkpointer(workdir, config_dict, every_steps=1, keep=1, best=True)
         self.last: tuple[int, float] | None = None  # (step, robust accuracy) of the last one
@@ -85,7 +85,7 @@ class Validator:
         variables = evaluation_variables(state)
         accuracy = {
             name: float(
-                robustness.correctness(
+                correctness.correctness(
                     fn,
                     variables,
                     self.images,

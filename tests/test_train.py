@@ -67,7 +67,7 @@ def test_training_on_digits_never_imports_tensorflow():
 
 @pytest.mark.slow
 def test_the_weight_average_is_checkpointed_and_is_what_every_evaluation_uses(tmp_path):
-    from samrobust import input_pipeline, parallel, robustness, runs
+    from samrobust import correctness, input_pipeline, parallel, runs
 
     workdir = str(tmp_path / "run")
     results = train.train_and_evaluate(digits_config(ema_decay=0.9), workdir)
@@ -89,8 +89,8 @@ def test_the_weight_average_is_checkpointed_and_is_what_every_evaluation_uses(tm
     # The final evaluation's clean accuracy is the average's.
     images, labels, _ = input_pipeline.evaluation_points(run.dataset, 64)
     mesh = parallel.default_mesh()
-    clean = robustness.correctness(
-        robustness.make_correct_fn(run.logits_fn, None, mesh),
+    clean = correctness.correctness(
+        correctness.make_correct_fn(run.logits_fn, None, mesh),
         run.variables,
         images,
         labels,

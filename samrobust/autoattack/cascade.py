@@ -302,6 +302,25 @@ def _correctly_classified(
     return clean
 
 
+def _replay(
+    records: Sequence[dict[str, np.ndarray]],
+    stage: str,
+    robust: np.ndarray,
+    x_adv: np.ndarray,
+    result: AutoAttackResult,
+) -> np.ndarray:
+    """Applies a run's journaled batches to ``robust``, ``x_adv`` and ``result`` (in place);
+    returns the indices that run has yet to attack."""
+    todo = np.flatnonzero(robust)
+    for rec in records:
+        todo = np.setdiff1d(todo, rec["attacked"])
+        robust[rec["fooled"]] = False
+        x_adv[rec["fooled"]] = rec["adv"]
+        result.rejected[stage] += int(rec["refused"])
+    result.resumed += len(records)
+    return todo
+
+
 def run_cascade(
     logits_fn: LogitsFn,
     x: np.ndarray,
@@ -349,14 +368,8 @@ def run_cascade(
         result.rejected[st.name] = 0
         t0 = time.perf_counter()
         for j in range(st.n_runs):
-            todo = np.flatnonzero(robust)
             records = journal.load(st.name, j) if journal else []
-            for rec in records:
-                todo = np.setdiff1d(todo, rec["attacked"])
-                robust[rec["fooled"]] = False
-                x_adv[rec["fooled"]] = rec["adv"]
-                result.rejected[st.name] += int(rec["refused"])
-            result.resumed += len(records)
+            todo = _replay(records, st.name, robust, x_adv, result)
             run_key = jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, si), j))
             n_batches = -(-len(todo) // cap)
             for bi in range(n_batches):
