@@ -47,7 +47,7 @@ import numpy as np
 from etils import epath
 
 from samrobust import paths, reports
-from samrobust.autoattack import Budget
+from samrobust.autoattack import STANDARD_ATTACKS, Budget
 from samrobust.checkpoint import ADDED_KEYS, flatten_config
 from samrobust.runs import parse_checkpoint
 
@@ -99,9 +99,16 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
             report = read_json(f)
             checkpoint = parse_checkpoint(report["run"]["checkpoint"])
             budget = report.get("autoattack", {}).get("budget")
+            attacks = report.get("attacks", {}).get(report.get("autoattack", {}).get("name"), {})
             suite = (
                 report["suite"]
-                + (reports.budget_suffix(Budget(**budget)) if budget else "")
+                + (
+                    reports.budget_suffix(
+                        Budget(**budget), attacks.get("attacks", STANDARD_ATTACKS)
+                    )
+                    if budget
+                    else ""
+                )
                 + reports.subset_suffix(report.get("subset"))
                 + reports.checkpoint_suffix(checkpoint)
             )

@@ -18,10 +18,11 @@ the AutoAttack radius, so that several radii live side by side, and ``_sub<N>`` 
 ``--num_examples=N`` (the report's ``subset`` names its points: the rule and a sha256 of
 the indices). ``--batch_size`` (global) and ``--seed`` default to the run's
 ``eval_batch_size`` and ``seed``; ``--data_dir`` overrides the run's. ``--n_iter``,
-``--n_target_classes`` and ``--n_queries`` shrink AutoAttack's budget (100 / 9 / 5000)
-for quick looks (the stem then ends in ``_it<N>_tc<N>_q<N>``, e.g.
-``eval_autoattack_linf_8_255_it10_tc9_q5000``); ``--unroll`` sets the attacks' loop
-unrolling.
+``--n_target_classes``, ``--n_queries`` and ``--n_restarts`` shrink AutoAttack's budget
+(100 / 9 / 5000 / 1) for quick looks (the stem then ends in ``_it<N>_tc<N>_q<N>``, e.g.
+``eval_autoattack_linf_8_255_it10_tc9_q5000``); ``--version=plus`` runs AutoAttack plus
+(stem ``eval_autoattack-plus_linf_8_255``), ``--attacks=a,b`` a custom version;
+``--unroll`` sets the attacks' loop unrolling.
 
 A RobustBench-format PyTorch checkpoint (PreActResNet-18 or WideResNet; see
 :mod:`samrobust.torch_weights`) is evaluated the same way, in JAX on whatever devices JAX
@@ -127,6 +128,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "data_dir", None, "The dataset's data_dir (default: the run's).", flag_values=flag_values
     )
+    flags.DEFINE_enum(
+        "version",
+        None,
+        aa.VERSIONS,
+        "AutoAttack's version (default: standard, or custom with --attacks); plus: "
+        f"{','.join(aa.PLUS_ATTACKS)} with 5 restarts of the untargeted attacks.",
+        flag_values=flag_values,
+    )
     flags.DEFINE_list(
         "attacks",
         None,
@@ -142,6 +151,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     )
     flags.DEFINE_integer(
         "n_queries", 5000, "Square Attack queries (standard: 5000).", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "n_restarts",
+        None,
+        "Runs of APGD-CE, APGD-DLR and untargeted FAB (default: the version's, 1 or plus's 5).",
+        flag_values=flag_values,
     )
     flags.DEFINE_integer(
         "unroll",
@@ -182,9 +197,14 @@ def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
     except ValueError as e:
         raise UserError(f"--checkpoint: {e}") from None
     try:
-        budget = aa.Budget(fv.n_iter, fv.n_target_classes, fv.n_queries)
+        names, full = aa.resolve_version(fv.version, fv.attacks or None, None)
     except ValueError as e:
-        raise UserError(f"--n_iter/--n_target_classes/--n_queries: {e}") from None
+        raise UserError(f"--version/--attacks: {e}") from None
+    try:
+        restarts = full.n_restarts if fv.n_restarts is None else fv.n_restarts
+        budget = aa.Budget(fv.n_iter, fv.n_target_classes, fv.n_queries, restarts)
+    except ValueError as e:
+        raise UserError(f"--n_iter/--n_target_classes/--n_queries/--n_restarts: {e}") from None
     if fv.torch_checkpoint and fv.dataset is None:
         raise UserError(
             "--torch_checkpoint needs --dataset: e.g. --dataset=cifar10, or "
@@ -198,7 +218,6 @@ def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
         )
     if fv.num_examples == 0 or fv.num_examples < -1:
         raise UserError("--num_examples must be positive, or -1 for the whole test split")
-    names = tuple(fv.attacks) if fv.attacks else aa.STANDARD_ATTACKS
     return Settings(eps, checkpoint, budget, names)
 
 

@@ -8,7 +8,7 @@ each other; :func:`write_report` writes ``<stem>.json``, ``<stem>.md`` and
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,7 +84,7 @@ def report_stem(
     checkpoint: str | int = "latest",
     norm: str | None = None,
     eps: float | None = None,
-    budget: aa.Budget = aa.STANDARD_BUDGET,
+    budget: aa.Budget | None = None,
     num_examples: int = -1,
     attacks: tuple[str, ...] = aa.STANDARD_ATTACKS,
 ) -> str:
@@ -99,7 +99,7 @@ def report_stem(
     if suite in AUTOATTACK_SUITES:
         name = autoattack_name(norm, eps, attacks).removeprefix("autoattack")
         stem += name.replace("/", "_")
-        stem += budget_suffix(budget)
+        stem += budget_suffix(budget or aa.version_budget(attacks), attacks)
     if num_examples != -1:
         stem += f"_sub{num_examples}"
     return stem + checkpoint_suffix(checkpoint)
@@ -114,12 +114,15 @@ def subset_suffix(subset: Mapping[str, Any] | None) -> str:
     return f"_sub{subset['num_examples']}"
 
 
-def budget_suffix(budget: aa.Budget) -> str:
-    """``""`` for the standard AutoAttack budget, else ``_it<n_iter>_tc<targets>_q<queries>``
-    (a quick look never overwrites, nor is reported as, the standard protocol)."""
-    if budget.standard:
+def budget_suffix(budget: aa.Budget, attacks: Sequence[str] = aa.STANDARD_ATTACKS) -> str:
+    """``""`` for the full budget of the ``attacks``' version, else
+    ``_it<n_iter>_tc<targets>_q<queries>``, with ``_r<restarts>`` if those differ from the
+    version's (a quick look never overwrites, nor is reported as, the version's protocol)."""
+    full = aa.version_budget(attacks)
+    if budget == full:
         return ""
-    return f"_it{budget.n_iter}_tc{budget.n_target_classes}_q{budget.n_queries}"
+    restarts = "" if budget.n_restarts == full.n_restarts else f"_r{budget.n_restarts}"
+    return f"_it{budget.n_iter}_tc{budget.n_target_classes}_q{budget.n_queries}{restarts}"
 
 
 def checkpoint_suffix(checkpoint: str | int) -> str:

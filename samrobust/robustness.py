@@ -218,20 +218,22 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     mesh: Mesh | None = None,
-    budget: aa.Budget = aa.STANDARD_BUDGET,
+    budget: aa.Budget | None = None,
     unroll: int | None = None,
     journal_dir: str | epath.Path | None = None,
-    attacks: Sequence[str] = aa.STANDARD_ATTACKS,
+    attacks: Sequence[str] | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Runs ``suite`` (see the module docstring) on ``logits_fn(variables, x) -> logits``.
 
     ``eps``/``norm`` set the AutoAttack budget (default Linf 8/255 or L2 0.5; only for the
     :data:`AUTOATTACK_SUITES`). ``num_classes`` is checked against the model's output
     (inferred if None).
-    ``batch_size`` is global and must divide by the device count; a non-standard ``budget``
-    is warned about, and so is a custom version of AutoAttack: ``attacks`` other than the
-    standard four (any of :data:`samrobust.autoattack.ATTACKS`, in that order; its metric
-    is named ``autoattack-<a>+<b>_...``, never ``autoattack_...``). ``unroll``: PGD's
+    ``batch_size`` is global and must divide by the device count. ``version``: AutoAttack's
+    (:func:`samrobust.autoattack.resolve_version`: ``"standard"``, ``"plus"`` (metric
+    ``autoattack-plus_...``) or ``"custom"``: ``attacks``, any of
+    :data:`samrobust.autoattack.ATTACKS` in that order, metric ``autoattack-<a>+<b>_...``);
+    a ``budget`` below the version's and a custom version are warned about. ``unroll``: PGD's
     ``fori_loop`` unroll (None: full on CPU) and
     AutoAttack's (:func:`samrobust.autoattack.cascade.iterations_per_call`). ``journal_dir``: where
     AutoAttack records finished batches, to resume an interrupted evaluation.
@@ -241,8 +243,8 @@ def evaluate(
     :data:`AUTOATTACK_SUITES`), ``warnings``, and the settings.
     """
     mesh = mesh or default_mesh()
+    attacks, budget = aa.resolve_version(version, attacks, budget)
     eps, norm = check_settings(suite, eps, norm, batch_size, mesh.size, attacks)
-    attacks = tuple(attacks)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
     variables = replicate(variables, mesh)
@@ -337,11 +339,13 @@ def _journal(
     budget: aa.Budget,
     attacks: tuple[str, ...],
 ) -> aa.Journal:
-    """AutoAttack's journal, keyed by everything its results depend on."""
+    """AutoAttack's journal, keyed by everything its results depend on (a key written
+    before versions had restarts stays valid: one restart is left out of it)."""
     custom = {} if attacks == aa.STANDARD_ATTACKS else {"attacks": list(attacks)}
-    settings = journal_settings(
-        images, labels, eps=eps, norm=norm, seed=seed, **dataclasses.asdict(budget), **custom
-    )
+    limits = dataclasses.asdict(budget)
+    if limits["n_restarts"] == 1:
+        del limits["n_restarts"]
+    settings = journal_settings(images, labels, eps=eps, norm=norm, seed=seed, **limits, **custom)
     return aa.Journal(journal_dir, settings)
 
 
@@ -356,14 +360,14 @@ def _add_autoattack(
 ) -> list[str]:
     """Adds AutoAttack's accuracy, masks and details to ``report``; its warnings."""
     name = autoattack_name(norm, eps, attacks)
-    standard = attacks == aa.STANDARD_ATTACKS
+    version = aa.version_of(attacks)
     budget_dict = dataclasses.asdict(budget)
     total_s = sum(result.seconds.values())
     report["accuracy"][name] = result.robust_accuracy
     report["images_per_s"][name] = report["num_examples"] / total_s if total_s else None
     report["attacks"][name] = {
         "attack": "AutoAttack",
-        "version": "standard" if standard else "custom",
+        "version": version,
         "attacks": list(attacks),
         "norm": norm,
         "eps": eps,
@@ -388,13 +392,14 @@ def _add_autoattack(
     if journal is not None:
         report["autoattack"]["journal"] = str(journal.path)
     warnings = []
-    if not budget.standard:
+    full = aa.version_budget(attacks)
+    if budget != full:
         warnings.append(
-            f"reduced AutoAttack budget {budget_dict} (standard: "
-            f"{dataclasses.asdict(aa.STANDARD_BUDGET)}): not the standard protocol; the robust "
+            f"reduced AutoAttack budget {budget_dict} ({version}: "
+            f"{dataclasses.asdict(full)}): not the {version} protocol; the robust "
             "accuracy may be over-estimated"
         )
-    if not standard:
+    if version == "custom":
         warnings.append(
             f"a custom AutoAttack ({'+'.join(attacks)}; standard: "
             f"{'+'.join(aa.STANDARD_ATTACKS)}): not the standard protocol"
@@ -413,9 +418,9 @@ def autoattack_name(
     names: Sequence[str] = aa.STANDARD_ATTACKS,
 ) -> str:
     """The AutoAttack metric name, e.g. ``autoattack_linf_8/255`` (defaults: Linf, and
-    :data:`DEFAULT_EPS` of the norm); a custom version's names its attacks:
-    ``autoattack-apgd-ce+apgd-t_linf_8/255``."""
+    :data:`DEFAULT_EPS` of the norm); plus is ``autoattack-plus_linf_8/255``, and a custom
+    version's names its attacks: ``autoattack-apgd-ce+apgd-t_linf_8/255``."""
     norm = norm or "linf"
     check_norm(norm)
-    version = "" if tuple(names) == aa.STANDARD_ATTACKS else "-" + "+".join(names)
+    version = {"standard": "", "plus": "-plus"}.get(aa.version_of(names), "-" + "+".join(names))
     return f"autoattack{version}_{norm}_{format_eps(DEFAULT_EPS[norm] if eps is None else eps)}"

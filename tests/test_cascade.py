@@ -13,6 +13,7 @@ import pytest
 from samrobust import autoattack as aa
 from samrobust.attacks import input_loss, pgd
 from samrobust.autoattack.base import Stage
+from samrobust.autoattack.cascade import make_stages
 from tests.toy_models import D, H, analytic_distance, assert_valid, linear_model
 
 
@@ -223,6 +224,38 @@ def test_a_journal_resumes_an_interrupted_cascade(mlp, tmp_path):
     np.testing.assert_allclose(resumed.x_adv, full.x_adv, atol=1e-6)
     # Other settings: another folder, nothing reused.
     assert aa.Journal(tmp_path, {"test": 2}).load("apgd-ce", 0) == []
+
+
+def test_the_plus_version_has_the_references_attacks_order_and_budgets():
+    """Against ``pyautoattack.AutoAttack(version="plus")``'s own settings: the attacks and
+    their order, restarts and targets; and the runs each of our stages makes of them."""
+    torch = pytest.importorskip("torch")
+    pyaa = pytest.importorskip("pyautoattack", reason="pyautoattack is not installed")
+    ref = pyaa.AutoAttack(torch.nn.Linear(4, 10), norm="Linf", eps=0.03, version="plus")
+    assert tuple(ref.attacks_to_run) == aa.PLUS_ATTACKS
+    assert ref.apgd.n_restarts == ref.fab.n_restarts == aa.PLUS_BUDGET.n_restarts == 5
+    assert ref.apgd_targeted.n_restarts == 1  # and fab-t's, set when it runs
+    assert ref.apgd_targeted.n_target_classes == ref.fab.n_target_classes == 9
+    assert ref.square.n_queries == aa.PLUS_BUDGET.n_queries
+    assert ref.apgd.n_iter == ref.fab.n_iter == aa.PLUS_BUDGET.n_iter
+    stages = make_stages(
+        aa.PLUS_ATTACKS, eps=0.03, norm="linf", budget=aa.PLUS_BUDGET, num_classes=10
+    )
+    assert [(s.name, s.n_runs) for s in stages] == [
+        ("apgd-ce", 5),
+        ("apgd-dlr", 5),
+        ("fab", 5),
+        ("square", 1),
+        ("apgd-t", 9),
+        ("fab-t", 9),
+    ]
+    assert aa.resolve_version(None, None, None) == (aa.STANDARD_ATTACKS, aa.STANDARD_BUDGET)
+    assert aa.resolve_version("plus", None, None) == (aa.PLUS_ATTACKS, aa.PLUS_BUDGET)
+    assert aa.resolve_version(None, ["fab"], None) == (("fab",), aa.STANDARD_BUDGET)
+    with pytest.raises(ValueError, match="needs its list of attacks"):
+        aa.resolve_version("custom", None, None)
+    with pytest.raises(ValueError, match="Unknown AutoAttack version 'rand'"):
+        aa.resolve_version("rand", None, None)
 
 
 def test_invalid_arguments():

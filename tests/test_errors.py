@@ -79,6 +79,10 @@ def test_evaluate_user_errors(tmp_path, finished):
             [f"--workdir={finished}", "--suite=autoattack", "--attacks=apgd-ce,pgd"],
             ["--attacks", "distinct names of"],
         ),
+        (
+            [f"--workdir={finished}", "--suite=autoattack", "--version=plus", "--attacks=fab"],
+            ["--version/--attacks", "version 'plus' runs", "use 'custom'"],
+        ),
         ([f"--workdir={tmp_path / 'rb'}", "--torch_checkpoint=m.pt"], ["needs --dataset"]),
         (
             [

@@ -1,5 +1,6 @@
-"""FAB-T (samrobust.autoattack.fab): the box-constrained hyperplane projection against
-bisection, and the exact minimal adversarial distance of a linear model."""
+"""FAB-T and untargeted FAB (samrobust.autoattack.fab): the box-constrained hyperplane
+projection against bisection, the exact minimal adversarial distance of a linear model, and
+untargeted FAB against the reference's ``FABAttack_PT`` on the same network."""
 
 import functools
 
@@ -84,3 +85,49 @@ def test_fab_finds_the_minimal_adversarial_distance_of_a_linear_model(linear5, n
     fooled = np.argmax(np.asarray(f(x_eps)), axis=1) != y
     np.testing.assert_array_equal(fooled, dist <= eps)
     assert_valid(x, x_eps, eps, norm)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_untargeted_fab_finds_the_minimal_adversarial_distance_of_a_linear_model(linear5, norm):
+    """One run, no target classes: each step heads for the nearest class boundary, so the
+    minimum over the 4 wrong classes is found (FAB-T needs a run per target for it)."""
+    w, x, y = linear5
+    f = linear_model(w)
+    attack = jax.jit(lambda x, y, k: aa.fab(f, x, y, k, eps=None, norm=norm, n_iter=30))
+    x_adv = attack(jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
+    assert np.all(np.argmax(np.asarray(f(x_adv)), axis=1) != y)
+    dist = np.asarray(perturbation_norm(x_adv - x, norm))
+    np.testing.assert_allclose(dist, analytic_distance(w, x, y, norm), rtol=0.01)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_untargeted_fab_matches_the_reference_on_the_same_mlp(mlp, norm):
+    """``pyautoattack.fab_pt.FABAttack_PT`` (untargeted, one run from ``x``: deterministic)
+    on a torch copy of the MLP: the same points fooled within eps, the same distances."""
+    torch = pytest.importorskip("torch")
+    fab_pt = pytest.importorskip("pyautoattack.fab_pt", reason="pyautoattack is not installed")
+    logits_fn, x, y = mlp
+    p = {k: torch.tensor(np.asarray(v)) for k, v in logits_fn.args[0].items()}
+
+    def torch_mlp(z):
+        return torch.relu(z.reshape(len(z), -1) @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    eps = {"linf": 0.1, "l2": 0.4}[norm]
+    ref = fab_pt.FABAttack_PT(
+        torch_mlp, norm={"linf": "Linf", "l2": "L2"}[norm], n_iter=20, eps=eps, device="cpu"
+    ).perturb(torch.tensor(x), torch.tensor(y, dtype=torch.long))
+    ours = aa.fab(
+        logits_fn,
+        jnp.asarray(x),
+        jnp.asarray(y),
+        jax.random.PRNGKey(0),
+        eps=eps,
+        norm=norm,
+        n_iter=20,
+    )
+    ref, ours = ref.numpy(), np.asarray(ours)
+    fooled = [np.argmax(np.asarray(logits_fn(jnp.asarray(a))), 1) != y for a in (ref, ours)]
+    np.testing.assert_array_equal(fooled[0], fooled[1])
+    assert 0 < fooled[0].sum() < len(y)  # some points fooled, some not: a real comparison
+    dist = [np.asarray(perturbation_norm(jnp.asarray(a - x), norm)) for a in (ref, ours)]
+    np.testing.assert_allclose(dist[1], dist[0], atol=1e-5)

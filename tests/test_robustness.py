@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from samrobust import autoattack as aa
 from samrobust import reports, robustness
 from samrobust.attacks import format_eps
 from samrobust.autoattack import Budget
@@ -42,7 +43,7 @@ def _linear_problem(k: int = 5):
     return w, b, x, y, dist
 
 
-def _linear_autoattack(k: int = 5, **kwargs):
+def _linear_autoattack(k: int = 5, budget: Budget | None = None, **kwargs):
     """(boundary distances, eps, report): the autoattack suite on :func:`_linear_problem`
     at L2 eps = the median distance of the correctly classified points, a small budget."""
     w, b, x, y, dist = _linear_problem(k)
@@ -56,7 +57,7 @@ def _linear_autoattack(k: int = 5, **kwargs):
         eps=eps,
         norm="l2",
         batch_size=16,
-        budget=Budget(n_iter=20, n_target_classes=4, n_queries=50),
+        budget=budget or Budget(n_iter=20, n_target_classes=4, n_queries=50),
         unroll=1,
         **kwargs,
     )
@@ -107,6 +108,27 @@ def test_a_custom_autoattack_is_named_by_its_attacks_and_never_reported_as_stand
     assert "AutoAttack custom (apgd-dlr, apgd-ce)" in reports.markdown(report)
     stem = reports.report_stem("autoattack", "latest", "l2", eps, attacks=("apgd-dlr", "apgd-ce"))
     assert stem.startswith("eval_autoattack-apgd-dlr+apgd-ce_l2_")
+
+
+def test_autoattack_plus_runs_six_attacks_finds_the_exact_robust_set_and_is_named_plus():
+    """``version="plus"`` (2 restarts here): the reference's six attacks in its order, the
+    exact robust set of the linear model, its own metric and stem, and the cut budget said."""
+    budget = Budget(n_iter=20, n_target_classes=4, n_queries=50, n_restarts=2)
+    dist, eps, report = _linear_autoattack(budget=budget, version="plus")
+    name = f"autoattack-plus_l2_{format_eps(eps)}"
+    assert list(report["accuracy"]) == ["clean", name]
+    assert list(report["autoattack"]["stages"]) == list(aa.PLUS_ATTACKS)
+    assert report["attacks"][name]["version"] == "plus"
+    assert report["attacks"][name]["n_restarts"] == 2
+    clean = report["masks"]["clean"]
+    np.testing.assert_array_equal(report["masks"][name], clean & (dist > eps))
+    assert any("reduced AutoAttack budget" in w and "plus" in w for w in report["warnings"])
+    assert not any("custom" in w for w in report["warnings"])
+    stem = reports.report_stem
+    assert stem("autoattack", attacks=aa.PLUS_ATTACKS) == "eval_autoattack-plus_linf_8_255"
+    assert stem("autoattack", budget=budget, attacks=aa.PLUS_ATTACKS).endswith("_q50_r2")
+    with pytest.raises(ValueError, match="for others use 'custom'"):
+        robustness.evaluate(linear_logits, {}, dist, dist, version="plus", attacks=["fab"])
 
 
 def test_the_clean_suite_is_the_clean_accuracy_alone():

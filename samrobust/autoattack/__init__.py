@@ -1,8 +1,9 @@
-"""AutoAttack "standard" (Croce & Hein, ICML 2020, arXiv 2003.01690) in pure JAX, laid out
-as the reference code (github.com/fra31/auto-attack): one module per attack.
+"""AutoAttack "standard", "plus" and custom versions (Croce & Hein, ICML 2020, arXiv
+2003.01690) in pure JAX, laid out as the reference code (github.com/fra31/auto-attack):
+one module per attack.
 
 - :mod:`~samrobust.autoattack.apgd`: APGD-CE and APGD-T (``autopgd_base.py``).
-- :mod:`~samrobust.autoattack.fab`: FAB-T (``fab_pt.py``).
+- :mod:`~samrobust.autoattack.fab`: FAB-T and untargeted FAB (``fab_pt.py``).
 - :mod:`~samrobust.autoattack.square`: Square Attack (``square.py``).
 - :mod:`~samrobust.autoattack.cascade`: :class:`Budget`, the stages and the one host-side
   cascade :func:`autoattack` (``autoattack.py``), with a pluggable runner
@@ -13,29 +14,41 @@ as the reference code (github.com/fra31/auto-attack): one module per attack.
 
 Deliberate differences from the reference are listed in each module's docstring;
 randomised models (``version="rand"``, EOT) and the L1 versions are not implemented.
+
+  result = autoattack(jax.tree_util.Partial(apply_fn, variables), x, y, key,
+                      eps=8 / 255, norm="linf", version="plus")
 """
 
 from samrobust.autoattack.apgd import apgd, apgd_targeted
 from samrobust.autoattack.cascade import (
     ATTACKS,
+    PLUS_ATTACKS,
+    PLUS_BUDGET,
     STANDARD_ATTACKS,
     STANDARD_BUDGET,
+    VERSIONS,
     AutoAttackResult,
     Budget,
     autoattack,
     check_attacks,
+    resolve_version,
     run_cascade,
+    version_budget,
+    version_of,
 )
 from samrobust.autoattack.checks import sanity_checks
-from samrobust.autoattack.fab import fab_targeted
+from samrobust.autoattack.fab import fab, fab_targeted
 from samrobust.autoattack.journal import Journal
 from samrobust.autoattack.runners import Local, Sharded
 from samrobust.autoattack.square import square_attack
 
 __all__ = [
     "ATTACKS",
+    "PLUS_ATTACKS",
+    "PLUS_BUDGET",
     "STANDARD_ATTACKS",
     "STANDARD_BUDGET",
+    "VERSIONS",
     "AutoAttackResult",
     "Budget",
     "Journal",
@@ -45,8 +58,12 @@ __all__ = [
     "apgd_targeted",
     "autoattack",
     "check_attacks",
-    "run_cascade",
+    "fab",
     "fab_targeted",
+    "resolve_version",
+    "run_cascade",
+    "version_budget",
+    "version_of",
     "sanity_checks",
     "square_attack",
 ]

@@ -1,9 +1,12 @@
-"""The AutoAttack "standard" cascade (the reference's ``autoattack/autoattack.py``): one
-host-side driver, a pluggable runner (one device, or sharded over a mesh).
+"""The AutoAttack cascade (the reference's ``autoattack/autoattack.py``): one host-side
+driver, a pluggable runner (one device, or sharded over a mesh).
 
-APGD-CE -> APGD-T -> FAB-T -> Square (:data:`STANDARD_ATTACKS`, budget :class:`Budget`:
-100 iterations, 9 target classes, 5000 queries). Each attack runs only on the points still
-robust; a point is robust only if it is correctly classified and *every* attack failed.
+Standard: APGD-CE -> APGD-T -> FAB-T -> Square (:data:`STANDARD_ATTACKS`, budget
+:class:`Budget`: 100 iterations, 9 target classes, 5000 queries, one run of each untargeted
+attack). Plus: APGD-CE -> APGD-DLR -> FAB -> Square -> APGD-T -> FAB-T
+(:data:`PLUS_ATTACKS`, :data:`PLUS_BUDGET`: 5 restarts of APGD-CE, APGD-DLR and FAB).
+Each attack runs only on the points still robust; a point is robust only if it is correctly
+classified and *every* attack failed.
 Every returned point is accepted only by :func:`samrobust.attacks.is_adversarial`
 (misclassified, within ``eps + VALID_TOL``, inside ``[0, 1]``, finite); refused ones are
 counted. The largest accepted perturbation is verified at the end.
@@ -56,8 +59,11 @@ from samrobust.autoattack.runners import Local, Runner, Tree
 from samrobust.autoattack.square import stage as square_stage
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+# AutoAttack "plus" (the reference's order; its budget is PLUS_BUDGET).
+PLUS_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 # Every attack a cascade can run (a custom version: any of them, in any order).
-ATTACKS = (*STANDARD_ATTACKS, "apgd-dlr")
+ATTACKS = (*STANDARD_ATTACKS, "apgd-dlr", "fab")
+VERSIONS = ("standard", "plus", "custom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +73,49 @@ class Budget:
     n_iter: int = 100  # APGD and FAB iterations per run
     n_target_classes: int = 9  # APGD-T and FAB-T target classes
     n_queries: int = 5000  # Square queries
+    n_restarts: int = 1  # runs of APGD-CE, APGD-DLR and untargeted FAB (plus: 5)
 
     def __post_init__(self):
-        if self.n_iter < 1 or self.n_target_classes < 1 or self.n_queries < 0:
-            raise ValueError(f"invalid AutoAttack budget {self}: n_iter, n_target_classes >= 1")
-
-    @property
-    def standard(self) -> bool:
-        return self == STANDARD_BUDGET
+        if min(self.n_iter, self.n_target_classes, self.n_restarts) < 1 or self.n_queries < 0:
+            raise ValueError(
+                f"invalid AutoAttack budget {self}: n_iter, n_target_classes, n_restarts >= 1"
+            )
 
 
 STANDARD_BUDGET = Budget()
+PLUS_BUDGET = Budget(n_restarts=5)
+
+
+def version_of(attacks: Sequence[str]) -> str:
+    """``"standard"`` or ``"plus"`` for their attack lists, else ``"custom"``."""
+    return {STANDARD_ATTACKS: "standard", PLUS_ATTACKS: "plus"}.get(tuple(attacks), "custom")
+
+
+def version_budget(attacks: Sequence[str]) -> Budget:
+    """The full budget of ``attacks``' version (a custom version's: the standard one)."""
+    return PLUS_BUDGET if version_of(attacks) == "plus" else STANDARD_BUDGET
+
+
+def resolve_version(
+    version: str | None, attacks: Sequence[str] | None, budget: Budget | None
+) -> tuple[tuple[str, ...], Budget]:
+    """``(attacks, budget)`` of a version: ``"standard"``, ``"plus"`` (their attacks; their
+    full budget unless ``budget`` is given) or ``"custom"`` (``attacks``, required). With
+    ``version=None``: custom if ``attacks`` are given, else standard."""
+    if version is None:
+        version = "standard" if attacks is None else "custom"
+    if version not in VERSIONS:
+        raise ValueError(f"Unknown AutoAttack version {version!r}: one of {VERSIONS}")
+    if version == "custom":
+        if attacks is None:
+            raise ValueError("a custom AutoAttack version needs its list of attacks")
+        check_attacks(attacks)
+    else:
+        named = PLUS_ATTACKS if version == "plus" else STANDARD_ATTACKS
+        if attacks is not None and tuple(attacks) != named:
+            raise ValueError(f"version {version!r} runs {list(named)}; for others use 'custom'")
+        attacks = named
+    return tuple(attacks), budget or version_budget(attacks)
 
 
 def check_attacks(names: Sequence[str]) -> None:
@@ -96,13 +134,14 @@ def make_stages(
     n_t = min(budget.n_target_classes, num_classes - 1)
     if n_t < 1:
         raise ValueError(f"AutoAttack needs at least 2 classes; the model has {num_classes}")
+    kw = dict(eps=eps, norm=norm, n_iter=budget.n_iter)
+    restarts = budget.n_restarts
     make = {
-        "apgd-ce": lambda: apgd_stage(eps=eps, norm=norm, n_iter=budget.n_iter, loss="ce"),
-        "apgd-dlr": lambda: apgd_stage(eps=eps, norm=norm, n_iter=budget.n_iter, loss="dlr"),
-        "apgd-t": lambda: apgd_stage(
-            eps=eps, norm=norm, n_iter=budget.n_iter, loss="dlr", n_target_classes=n_t
-        ),
-        "fab-t": lambda: fab_stage(eps=eps, norm=norm, n_iter=budget.n_iter, n_target_classes=n_t),
+        "apgd-ce": lambda: apgd_stage(**kw, loss="ce", n_restarts=restarts),
+        "apgd-dlr": lambda: apgd_stage(**kw, loss="dlr", n_restarts=restarts),
+        "apgd-t": lambda: apgd_stage(**kw, loss="dlr", n_target_classes=n_t),
+        "fab": lambda: fab_stage(**kw, n_target_classes=0, n_restarts=restarts),
+        "fab-t": lambda: fab_stage(**kw, n_target_classes=n_t),
         "square": lambda: square_stage(eps=eps, norm=norm, n_queries=budget.n_queries),
     }
     return [make[n]() for n in names]
@@ -270,13 +309,15 @@ def autoattack(
     *,
     eps: float,
     norm: str = "linf",
-    budget: Budget = STANDARD_BUDGET,
-    attacks: Sequence[str] = STANDARD_ATTACKS,
+    version: str | None = None,
+    budget: Budget | None = None,
+    attacks: Sequence[str] | None = None,
     **options: Any,
 ) -> AutoAttackResult:
-    """AutoAttack "standard" on ``logits_fn(x) -> logits`` (see the module docstring):
-    :func:`run_cascade` of the ``attacks`` at ``budget`` (a custom version: any of
-    :data:`ATTACKS`, in the given order). ``options``: those of :func:`run_cascade`.
+    """AutoAttack on ``logits_fn(x) -> logits`` (see the module docstring): :func:`run_cascade`
+    of a ``version``'s attacks at ``budget`` (:func:`resolve_version`: ``"standard"``,
+    ``"plus"``, or ``"custom"``: ``attacks``, any of :data:`ATTACKS` in the given order).
+    ``options``: those of :func:`run_cascade`.
 
     Pass a model with parameters as ``jax.tree_util.Partial(apply_fn, variables)``: they are
     then an argument of the jitted attacks, not constants baked into them.
@@ -286,6 +327,7 @@ def autoattack(
         raise ValueError(f"eps must be >= 0; got {eps}")
     x = np.asarray(x, np.float32)
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x[:1].shape, x.dtype)).shape[-1]
+    attacks, budget = resolve_version(version, attacks, budget)
     stages = make_stages(attacks, eps=eps, norm=norm, budget=budget, num_classes=num_classes)
     return run_cascade(logits_fn, x, y, key, stages, eps=eps, norm=norm, **options)
 

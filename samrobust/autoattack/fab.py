@@ -1,5 +1,5 @@
-"""FAB-T (Croce & Hein, ICML 2020, arXiv 1907.02044, Alg. 1, targeted version): the
-reference's ``autoattack/fab_pt.py``.
+"""FAB (Croce & Hein, ICML 2020, arXiv 1907.02044, Alg. 1), targeted (FAB-T) and
+untargeted: the reference's ``autoattack/fab_pt.py``.
 
 For a target class ``t``: ``n_iter`` steps that linearise ``z_t - z_y`` at the iterate,
 project both the iterate and ``x`` onto that hyperplane within ``[0, 1]``
@@ -7,7 +7,11 @@ project both the iterate and ``x`` onto that hyperplane within ``[0, 1]``
 ``alpha = min(|d1| / (|d1| + |d2|), alpha_max)`` on the projection of ``x``, extrapolated
 by ``eta``, and, once adversarial, pull back towards ``x`` by ``beta``. Restart 0 starts at
 ``x`` (the standard protocol uses one); later restarts at a random point at distance
-``eps / 2``. :func:`stage` is FAB-T as a cascade stage (a run per target class; a point
+``eps / 2``. Untargeted FAB (AutoAttack *plus*) linearises every ``z_j - z_y`` at each
+step (the full Jacobian: one backward pass per class) and takes the ``j`` whose hyperplane
+is nearest in the dual norm, ``|z_j - z_y| / ||grad(z_j - z_y)||_q``, as the reference's
+``get_diff_logits_grads_batch`` does. :func:`stage` is FAB as a cascade stage (a run per
+target class and restart, or per restart; a point
 counts as fooled once its smallest adversarial is within ``eps``); :func:`fab_targeted`
 the stand-alone, jittable attack, also as a minimum-norm attack (``eps=None``).
 """
@@ -87,6 +91,7 @@ def _init(
     eps: float | None,
     norm: str,
     n_restarts: int,
+    targeted: bool,
 ) -> State:
     x = jax.lax.stop_gradient(x)
     start = x
@@ -97,12 +102,40 @@ def _init(
     return dict(
         x=x,
         y=y,
-        target=target_classes(logits_fn(x), j // n_restarts),
+        target=target_classes(logits_fn(x), j // n_restarts) if targeted else y,
         x1=start.reshape(b, -1),
         adv=x,
         best=jnp.full((b,), jnp.inf, jnp.float32),
         fooled=jnp.zeros((b,), bool),
     )
+
+
+def _targeted_hyperplane(logits_fn, x1, x, y, target, norm):
+    """``(grad f, f)`` of ``f = z_target - z_y`` at the flat iterates ``x1``."""
+    del norm
+
+    def diff(xf):
+        z = logits_fn(xf.reshape(x.shape))
+        f = take(z, target) - take(z, y)  # > 0 once the target beats the true class
+        return jnp.sum(f), f
+
+    return jax.grad(diff, has_aux=True)(x1)
+
+
+def _nearest_hyperplane(logits_fn, x1, x, y, target, norm):
+    """``(grad f, f)`` of the ``f = z_j - z_y`` (``j != y``) whose linearised boundary is
+    nearest to ``x1`` in ``norm``: ``|f| / ||grad f||_q`` smallest (``q`` the dual norm)."""
+    del target
+    z, vjp = jax.vjp(lambda xf: logits_fn(xf.reshape(x.shape)), x1)
+    classes = jnp.eye(z.shape[-1], dtype=z.dtype)
+    g = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, z.shape))[0], out_axes=1)(classes)
+    df = z - take(z, y)[:, None]  # [b, C]
+    dg = g - jnp.take_along_axis(g, y[:, None, None], axis=1)  # [b, C, D]
+    dual = jnp.sum(jnp.abs(dg), -1) if norm == "linf" else jnp.sqrt(jnp.sum(dg**2, -1))
+    dist = jnp.abs(df) / (1e-12 + dual)
+    dist = jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), jnp.inf, dist)
+    j = jnp.argmin(dist, axis=-1)
+    return jnp.take_along_axis(dg, j[:, None, None], axis=1)[:, 0], take(df, j)
 
 
 def _step(
@@ -115,19 +148,17 @@ def _step(
     alpha_max: float,
     eta: float,
     beta: float,
+    targeted: bool,
 ) -> State:
     del i
     x, y, target = s["x"], s["y"], s["target"]
     b = x.shape[0]
     x0 = x.reshape(b, -1)
 
-    def diff(xf):
-        z = logits_fn(xf.reshape(x.shape))
-        f = take(z, target) - take(z, y)  # > 0 once the target beats the true class
-        return jnp.sum(f), f
-
-    w, f = jax.grad(diff, has_aux=True)(s["x1"])
     x1 = s["x1"]
+    w, f = (_targeted_hyperplane if targeted else _nearest_hyperplane)(
+        logits_fn, x1, x, y, target, norm
+    )
     d1 = project_hyperplane_box(x1, w, -f, norm)
     d2 = project_hyperplane_box(x0, w, -f + jnp.sum(w * (x1 - x0), axis=1), norm)
     a1 = jnp.maximum(perturbation_norm(d1, norm), 1e-8)
@@ -158,21 +189,23 @@ def stage(
     eta: float = 1.05,
     beta: float = 0.9,
 ) -> Stage:
-    """FAB-T as a cascade stage: a run per target class and restart."""
+    """FAB as a cascade stage: FAB-T, a run per target class and restart; untargeted
+    (``n_target_classes=0``), a run per restart."""
     check_norm(norm)
-    if n_iter < 1 or n_restarts < 1 or n_target_classes < 1:
+    if n_iter < 1 or n_restarts < 1 or n_target_classes < 0:
         raise ValueError(
-            f"fab needs n_iter, n_restarts, n_target_classes >= 1; got {n_iter}, "
+            f"fab needs n_iter, n_restarts >= 1 and n_target_classes >= 0; got {n_iter}, "
             f"{n_restarts}, {n_target_classes}"
         )
     if eps is None and n_restarts > 1:
-        raise ValueError("fab_targeted random restarts need eps")
+        raise ValueError("fab random restarts need eps")
+    kw = dict(eps=eps, norm=norm, targeted=n_target_classes > 0)
     return Stage(
-        name="fab-t",
-        n_runs=n_target_classes * n_restarts,
+        name="fab-t" if n_target_classes else "fab",
+        n_runs=max(n_target_classes, 1) * n_restarts,
         n_steps=n_iter,
-        init=functools.partial(_init, eps=eps, norm=norm, n_restarts=n_restarts),
-        step=functools.partial(_step, eps=eps, norm=norm, alpha_max=alpha_max, eta=eta, beta=beta),
+        init=functools.partial(_init, n_restarts=n_restarts, **kw),
+        step=functools.partial(_step, alpha_max=alpha_max, eta=eta, beta=beta, **kw),
         segment=max(n_iter // 10, 1),
     )
 
@@ -201,16 +234,54 @@ def fab_targeted(
     targets (``x`` where none was found). Clean-misclassified points are returned as ``x``.
     """
     x = jax.lax.stop_gradient(x)
+    n_t = n_targets(logits_fn, x, n_target_classes, "fab_targeted")
     st = stage(
         eps=eps,
         norm=norm,
         n_iter=n_iter,
-        n_target_classes=n_targets(logits_fn, x, n_target_classes, "fab_targeted"),
+        n_target_classes=n_t,
         n_restarts=n_restarts,
         alpha_max=alpha_max,
         eta=eta,
         beta=beta,
     )
+    return _smallest_adversarials(st, logits_fn, x, y, key, eps, unroll)
+
+
+def fab(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float | None,
+    norm: str = "linf",
+    n_iter: int = 100,
+    n_restarts: int = 1,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    unroll: int = 1,
+) -> jax.Array:
+    """Untargeted FAB (each step towards the nearest linearised boundary), ``n_restarts``
+    runs; returns as :func:`fab_targeted` does."""
+    x = jax.lax.stop_gradient(x)
+    kw = dict(eps=eps, norm=norm, n_iter=n_iter, n_target_classes=0, n_restarts=n_restarts)
+    st = stage(**kw, alpha_max=alpha_max, eta=eta, beta=beta)
+    return _smallest_adversarials(st, logits_fn, x, y, key, eps, unroll)
+
+
+def _smallest_adversarials(
+    st: Stage,
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    eps: float | None,
+    unroll: int,
+) -> jax.Array:
+    """Every run of ``st`` (each only while some point is still open); per point the
+    smallest adversarial found (within ``eps`` if given), else ``x``."""
     attackable = jnp.argmax(logits_fn(x), axis=-1) == y
     ids = jnp.arange(x.shape[0])
 
