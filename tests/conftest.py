@@ -31,7 +31,7 @@ parallel.set_xla_cpu_defaults()  # the CPU settings the command lines use
 
 import pytest  # noqa: E402
 
-from tests.helpers import TINY_RUN, run_main  # noqa: E402
+from tests.helpers import TINY_RUN, built_once, run_main  # noqa: E402
 from tests.toy_models import linear5, mlp  # noqa: E402, F401  (fixtures of the attack tests)
 
 
@@ -39,9 +39,9 @@ from tests.toy_models import linear5, mlp  # noqa: E402, F401  (fixtures of the 
 def tiny_run(tmp_path_factory) -> str:
     """One finished tiny SGD digits run (``TINY_RUN``: 22 steps, every checkpoint kept) for
     every module that only reads one: copy it before changing it."""
-    workdir = str(tmp_path_factory.mktemp("tiny") / "run")
-    run_main("configs/sgd.py:digits", workdir, *TINY_RUN)
-    return workdir
+    return built_once(
+        tmp_path_factory, "tiny", lambda w: run_main("configs/sgd.py:digits", w, *TINY_RUN)
+    )
 
 
 def pytest_collection_modifyitems(session, config, items):

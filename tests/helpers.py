@@ -2,11 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from experiments.gcs_emulator import free_port
@@ -228,3 +231,20 @@ def digits_config(module=None, **overrides):
             target = target[p]
         target[last] = v
     return config
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[str], None]) -> str:
+    """``<dir>/run``, built by ``build(path)`` once per test session, across pytest-xdist's
+    workers too: the first worker to ask builds it under a file lock, the others wait and
+    share it (read-only: copy it before changing it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's, shared by its workers
+    folder = root / f"built-{name}"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            build(str(folder / "run"))
+            (folder / "done").touch()
+    return str(folder / "run")

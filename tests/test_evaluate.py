@@ -18,6 +18,7 @@ from samrobust import input_pipeline, robustness, runs
 from tests.helpers import (
     REPO,
     TINY_TRAIN,
+    built_once,
     run_main,
     run_two_processes,
     subprocess_env,
@@ -61,22 +62,29 @@ def run_dir(tiny_run, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def full_eval(run_dir) -> tuple[subprocess.CompletedProcess, dict, dict]:
-    """``--suite=full`` on N test examples (the evaluation subset), 8 devices (the host CPU split by
-    ``--cpu_devices``): (process, JSON, masks)."""
-    proc = run_evaluate(
-        run_dir, "--suite=full", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST, devices=1
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(os.path.join(run_dir, f"{FULL_STEM}.json")) as f:
+def full_eval(tiny_run, tmp_path_factory) -> tuple[str, str, dict, dict]:
+    """``--suite=full`` on N test examples (the evaluation subset), 8 devices (the host CPU
+    split by ``--cpu_devices``), on a copy of the tiny run, once per session (it takes
+    minutes): (its workdir, stderr, JSON, masks)."""
+
+    def build(workdir: str) -> None:
+        shutil.copytree(tiny_run, workdir)
+        flags = ("--suite=full", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST)
+        proc = run_evaluate(workdir, *flags, devices=1)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        with open(os.path.join(workdir, "stderr.txt"), "w") as f:
+            f.write(proc.stderr)
+
+    workdir = built_once(tmp_path_factory, "full-eval", build)
+    with open(os.path.join(workdir, f"{FULL_STEM}.json")) as f:
         report = json.load(f)
-    with np.load(os.path.join(run_dir, f"{FULL_STEM}_masks.npz")) as m:
+    with np.load(os.path.join(workdir, f"{FULL_STEM}_masks.npz")) as m:
         masks = dict(m)
-    return proc, report, masks
+    return workdir, open(os.path.join(workdir, "stderr.txt")).read(), report, masks
 
 
-def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
-    proc, report, masks = full_eval
+def test_cli_full_suite_writes_json_markdown_and_masks(full_eval):
+    workdir, log, report, masks = full_eval
     acc = report["accuracy"]
     assert list(acc) == PAPER + EXTRA + [AA]
     assert report["run"]["step"] == 1437 // 64 and report["run"]["dataset"] == "digits"
@@ -91,6 +99,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
         "n_iter": 10,
         "n_target_classes": 9,
         "n_queries": 100,
+        "n_restarts": 1,
     }
     assert all(report["images_per_s"][k] > 0 for k in acc)
 
@@ -119,7 +128,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
     assert details["attacked"]["apgd-ce"] == masks["clean"].sum()
     assert any("reduced AutoAttack budget" in w for w in report["warnings"])
 
-    with open(os.path.join(run_dir, f"{FULL_STEM}.md")) as f:
+    with open(os.path.join(workdir, f"{FULL_STEM}.md")) as f:
         md = f.read()
     assert "| attack | norm | eps | accuracy | img/s |" in md
     assert "| PGD-20 CW, step 2/255 | linf | 8/255 |" in md
@@ -128,7 +137,6 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
     assert "reduced AutoAttack budget" in md
 
     # Progress: per attack and per AutoAttack batch, with images/s; the default radius.
-    log = proc.stderr
     assert "eval pgd20_cw_linf_8/255 batch 1/1" in log and "img/s" in log
     assert "autoattack apgd-t run 1/9 batch 1/1" in log
     assert "digits has no standard one" in log
@@ -136,7 +144,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(run_dir, full_eval):
 
 def test_python_api_on_the_restored_run_matches_the_cli(run_dir, full_eval):
     """``load_run`` + ``evaluate`` in this process (8 devices too) give the CLI's masks."""
-    _, cli_report, cli_masks = full_eval
+    _, _, cli_report, cli_masks = full_eval
     run = runs.load_run(run_dir)
     images, labels, subset = input_pipeline.evaluation_points(run.dataset, N)
     assert cli_report["subset"] == subset  # the CLI's N points are the evaluation subset
@@ -273,7 +281,7 @@ def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, full
     import signal
     import time
 
-    _, whole, whole_masks = full_eval
+    _, _, whole, whole_masks = full_eval
     flags = ["--suite=autoattack", f"--num_examples={N}", "--cpu_devices=8", *AA_FAST]
     killed = str(tmp_path / "killed")
     shutil.copytree(run_dir, killed)
