@@ -2,8 +2,9 @@
 
   python -m experiments.aa_reference --workdir=RUN_DIR [--checkpoint=latest|best|STEP] \\
       --norm=linf --eps=8/255 --num_examples=500 --batch_size=250 \\
-      [--out=experiments/results/aa_reference/NAME.json] [--budget=standard|reduced] \\
-      [--attacks=apgd-ce,apgd-t] [--n_iter=N] [--n_target_classes=N] [--n_queries=N] [--seed=0]
+      [--out=experiments/results/aa_reference/NAME.json] [--version=standard|plus] \\
+      [--budget=standard|reduced] [--attacks=apgd-ce,apgd-t] [--n_iter=N] \\
+      [--n_target_classes=N] [--n_queries=N] [--n_restarts=N] [--seed=0]
 
 Needs ``pip install -e '.[reference]'`` (torch CPU + ``pyautoattack``, the reference code
 packaged; it imports as ``pyautoattack``, not ``autoattack``). Loads a ``samrobust.main``
@@ -16,7 +17,8 @@ fixed class-stratified subset of :func:`samrobust.input_pipeline.eval_subset`, r
 - ours: ``samrobust.autoattack.autoattack`` on ``Partial(run.logits_fn, run.variables)``
   (wall time with compilation; compilation alone from ``jax.monitoring``'s trace, lowering
   and XLA compile spans, merged);
-- the reference: ``pyautoattack.AutoAttack(version="standard")``, its four attack objects
+- the reference: ``pyautoattack.AutoAttack(version=...)`` (``--version``: standard, or plus:
+  APGD-CE, APGD-DLR and FAB with 5 restarts, Square, APGD-T, FAB-T), its attack objects
   run as its ``run_standard_evaluation`` cascade does (same calls, seeds and order, on the
   points still robust, in batches of ``--batch_size``), so the robust mask after every stage
   is kept; the input checks of ``run_standard_evaluation`` are not run. As in the reference,
@@ -35,7 +37,8 @@ indices robust under only one), wall times and their ratio, N, norm, eps, model,
 step, machine, versions, date and the command. ``--budget=reduced`` (10 iterations, 3 target
 classes, 100 queries), ``--attacks`` or any ``--n_*`` flag is a quick look: the output then
 says NON-STANDARD everywhere. Default ``--out``:
-``experiments/results/aa_reference/<dataset>_<run folder>_<checkpoint>_<norm><eps>_sub<N>.json``.
+``experiments/results/aa_reference/<dataset>_<run folder>_<checkpoint>_<norm><eps>_sub<N>.json``
+(``..._plus.json`` for plus).
 
 Resumable (an adversarially trained model keeps the reference busy for hours on 2 cores):
 ``<out stem>_journal/`` holds our finished result and every finished batch of the
@@ -70,33 +73,45 @@ from samrobust import input_pipeline, parallel
 from samrobust.attacks import parse_eps
 from samrobust.runs import Run, load_run
 
-STAGES = tuple(samrobust_aa.STANDARD_ATTACKS)  # apgd-ce, apgd-t, fab-t, square
 REFERENCE_NORMS = {"linf": "Linf", "l2": "L2"}
 RESULTS_DIR = os.path.join("experiments", "results", "aa_reference")
 
 
 @dataclasses.dataclass(frozen=True)
-class Budget:
-    """AutoAttack's budget; the standard one is 100 iterations, 9 targets, 5000 queries."""
+class Protocol:
+    """What both sides run: the attacks in order (a version's, or custom) and the library's
+    :class:`samrobust.autoattack.Budget`."""
 
-    n_iter: int = 100
-    n_target_classes: int = 9
-    n_queries: int = 5000
-    attacks: tuple[str, ...] = STAGES
+    attacks: tuple[str, ...] = samrobust_aa.STANDARD_ATTACKS
+    budget: samrobust_aa.Budget = samrobust_aa.STANDARD_BUDGET
 
     @property
-    def standard(self) -> bool:
-        return self == Budget()
+    def version(self) -> str:
+        return samrobust_aa.version_of(self.attacks)
+
+    @property
+    def full(self) -> bool:
+        """A version's own protocol (standard or plus at its budget), not a quick look."""
+        return self.version != "custom" and self.budget == samrobust_aa.version_budget(self.attacks)
+
+    def asdict(self) -> dict[str, Any]:
+        """The budget's fields and the attacks (one restart left out, as in the reports and
+        journals written before restarts could be set)."""
+        out = dataclasses.asdict(self.budget) | {"attacks": list(self.attacks)}
+        if out["n_restarts"] == 1:
+            del out["n_restarts"]
+        return out
 
     def describe(self) -> str:
+        b = self.budget
         text = (
-            f"{'+'.join(self.attacks)}; n_iter={self.n_iter}, "
-            f"n_target_classes={self.n_target_classes}, n_queries={self.n_queries}"
+            f"{'+'.join(self.attacks)}; n_iter={b.n_iter}, n_target_classes="
+            f"{b.n_target_classes}, n_queries={b.n_queries}, n_restarts={b.n_restarts}"
         )
-        return text if self.standard else f"NON-STANDARD ({text})"
+        return f"{self.version}: {text}" if self.full else f"NON-STANDARD ({text})"
 
 
-REDUCED = Budget(n_iter=10, n_target_classes=3, n_queries=100)
+REDUCED = samrobust_aa.Budget(n_iter=10, n_target_classes=3, n_queries=100)
 
 
 def log(message: str) -> None:
@@ -123,7 +138,7 @@ def run_ours(
     eps: float,
     seed: int,
     batch_size: int,
-    budget: Budget,
+    protocol: Protocol,
 ) -> samrobust_aa.AutoAttackResult:
     """samrobust's AutoAttack cascade (``clean``, ``robust``, ``stages``: attack -> robust
     mask after it, ``seconds``: attack -> wall time, ``max_perturbation``)."""
@@ -134,12 +149,8 @@ def run_ours(
         jax.random.key(seed),
         eps=eps,
         norm=norm,
-        budget=samrobust_aa.Budget(
-            n_iter=budget.n_iter,
-            n_target_classes=budget.n_target_classes,
-            n_queries=budget.n_queries,
-        ),
-        attacks=budget.attacks,
+        budget=protocol.budget,
+        attacks=protocol.attacks,
         batch_size=batch_size,
     )
 
@@ -192,13 +203,19 @@ class CompileTimer:
 # --------------------------------------------------------------------------------------------
 
 
-def make_reference(net: torch.nn.Module, *, norm: str, eps: float, seed: int, budget: Budget):
-    """``pyautoattack.AutoAttack`` (standard version) on ``net``, with ``budget`` applied."""
+def make_reference(
+    net: torch.nn.Module, *, norm: str, eps: float, seed: int, protocol: Protocol
+) -> Any:
+    """``pyautoattack.AutoAttack`` on ``net`` (its plus version for plus, else standard),
+    with the protocol's budget applied."""
     from pyautoattack import AutoAttack
 
+    version = "plus" if protocol.version == "plus" else "standard"
     adversary = AutoAttack(
-        net, norm=REFERENCE_NORMS[norm], eps=eps, version="standard", seed=seed, device="cpu"
+        net, norm=REFERENCE_NORMS[norm], eps=eps, version=version, seed=seed, device="cpu"
     )
+    budget = protocol.budget
+    adversary.apgd.n_restarts = adversary.fab.n_restarts = budget.n_restarts
     for apgd in (adversary.apgd, adversary.apgd_targeted):
         apgd.n_iter = apgd.n_iter_orig = budget.n_iter
         # The step-size checkpoints are set from n_iter in APGDAttack.__init__.
@@ -216,10 +233,14 @@ def _reference_attack(adversary: Any, name: str) -> Callable[[torch.Tensor, torc
     """The reference's call for ``name``, as in ``AutoAttack.run_standard_evaluation``."""
 
     def attack(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if name == "apgd-ce":
-            adversary.apgd.loss = "ce"
+        if name in ("apgd-ce", "apgd-dlr"):
+            adversary.apgd.loss = name.removeprefix("apgd-")
             adversary.apgd.seed = adversary.get_seed()
             return adversary.apgd.perturb(x, y)
+        if name == "fab":
+            adversary.fab.targeted = False
+            adversary.fab.seed = adversary.get_seed()
+            return adversary.fab.perturb(x, y)
         if name == "apgd-t":
             adversary.apgd_targeted.seed = adversary.get_seed()
             return adversary.apgd_targeted.perturb(x, y)
@@ -359,10 +380,17 @@ def markdown(report: dict[str, Any]) -> str:
     lines = []
     if not report["standard"]:
         lines += [f"**NON-STANDARD budget, not AutoAttack: {report['budget']['text']}**", ""]
+    sub = report.get("subset") or {}
+    points = (
+        f"the {report['n']}-point class-stratified evaluation subset"
+        if sub.get("rule", "all") != "all"
+        else f"the first {report['n']} test points"
+    )
     lines += [
-        f"AutoAttack {report['norm']} eps={report['eps_text']} on the first {report['n']} "
-        f"test points of {m['dataset']} ({m['model']} width {m['width']}, mode {m['mode']}, "
-        f"checkpoint {report['checkpoint']} step {report['step']}); logits agree to "
+        f"AutoAttack {report.get('version', 'standard')} {report['norm']} "
+        f"eps={report['eps_text']} on {points} of {m['dataset']} ({m['model']} width "
+        f"{m['width']}, mode {m['mode']}, checkpoint {report['checkpoint']} step "
+        f"{report['step']}); logits agree to "
         f"{report['logit_check']['max_abs_diff']:.2e} (max abs).",
         "",
         "| stage | ours robust acc | reference robust acc | mask agreement |",
@@ -447,10 +475,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def default_out(run: Run, args: argparse.Namespace, budget: Budget) -> str:
-    """``RESULTS_DIR/<dataset>_<run folder>_<checkpoint>_<norm><eps>_sub<N>.json``."""
+def default_out(run: Run, args: argparse.Namespace, protocol: Protocol) -> str:
+    """``RESULTS_DIR/<dataset>_<run folder>_<checkpoint>_<norm><eps>_sub<N>.json``
+    (``_plus`` for plus, ``_nonstandard`` for a quick look)."""
     eps = args.eps.replace("/", "_")
-    suffix = "" if budget.standard else "_nonstandard"
+    suffix = "_nonstandard" if not protocol.full else {"plus": "_plus"}.get(protocol.version, "")
     run_name = os.path.basename(os.path.normpath(args.workdir))
     name = (
         f"{run.config['dataset']}_{run_name}_{args.checkpoint}_{args.norm}{eps}"
@@ -546,11 +575,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=250, help="both cascades' batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"JSON path (default: under {RESULTS_DIR})")
+    p.add_argument("--version", default="standard", choices=("standard", "plus"))
     p.add_argument("--budget", default="standard", choices=("standard", "reduced"))
-    p.add_argument("--attacks", default=None, help="comma-separated sub-sequence of stages")
+    p.add_argument("--attacks", default=None, help="comma-separated attacks (custom version)")
     p.add_argument("--n_iter", type=int, default=None)
     p.add_argument("--n_target_classes", type=int, default=None)
     p.add_argument("--n_queries", type=int, default=None)
+    p.add_argument("--n_restarts", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-4, help="max abs logit difference")
     p.add_argument("--torch_threads", type=int, default=None, help="default: torch's")
     p.add_argument(
@@ -562,78 +593,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def budget_from(args: argparse.Namespace) -> Budget:
-    budget = REDUCED if args.budget == "reduced" else Budget()
-    changes: dict[str, Any] = {
-        k: getattr(args, k)
-        for k in ("n_iter", "n_target_classes", "n_queries")
-        if getattr(args, k) is not None
-    }
-    if args.attacks:
-        attacks = tuple(a.strip() for a in args.attacks.split(","))
-        unknown = [a for a in attacks if a not in STAGES]
-        if unknown:
-            raise SystemExit(f"error: --attacks: unknown {unknown}; choose from {STAGES}")
-        changes["attacks"] = attacks
-    return dataclasses.replace(budget, **changes)
+def protocol_from(args: argparse.Namespace) -> Protocol:
+    """The flags' protocol: ``--version``'s attacks (``--attacks``: a custom list) and its
+    budget, ``--budget=reduced`` and any ``--n_*`` flag applied; a one-line error exit."""
+    version = "custom" if args.attacks else args.version
+    names = tuple(a.strip() for a in args.attacks.split(",")) if args.attacks else None
+    keys = ("n_iter", "n_target_classes", "n_queries", "n_restarts")
+    try:
+        attacks, budget = samrobust_aa.resolve_version(version, names, None)
+        if args.budget == "reduced":
+            budget = dataclasses.replace(REDUCED, n_restarts=budget.n_restarts)
+        changes = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+        return Protocol(attacks, dataclasses.replace(budget, **changes))
+    except ValueError as e:
+        raise SystemExit(f"error: --version/--attacks/--budget/--n_*: {e}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    parallel.set_xla_cpu_defaults()
-    budget, eps = budget_from(args), parse_eps(args.eps)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    if not budget.standard:
-        log(f"budget: {budget.describe()}")
-
-    run = load(args.workdir, args.checkpoint)
-    cfg = run.config
-    if cfg.get("half_precision"):
-        raise SystemExit(
-            "error: the run computes in bfloat16 (half_precision); the torch copy is float32, "
-            "so the two models' logits cannot agree to --tol. Compare a float32 run."
-        )
-    x, y, subset = input_pipeline.evaluation_points(run.dataset, args.num_examples)
-    x, y, n = np.asarray(x, np.float32), np.asarray(y, np.int64), len(y)
-    log(
-        f"run {args.workdir} step {run.step} ({cfg['model']} width {cfg['width']}, "
-        f"mode {cfg['mode']}, {cfg['dataset']}): {n} points {x.shape[1:]}"
-    )
-
+def check_torch_copy(run: Run, x: np.ndarray, batch_size: int, tol: float) -> tuple[Any, dict]:
+    """The run's network copied into torch, and the logit check (exits unless the two
+    models' logits agree to ``tol`` on every point)."""
     net = from_flax(
         run.variables,
         mean=run.dataset.mean,
         std=run.dataset.std,
         padding=run.config.get("padding", "same"),
     )
-    flax_out, torch_out = (
-        ours_logits(run, x, args.batch_size),
-        torch_logits(net, x, args.batch_size),
-    )
+    flax_out, torch_out = ours_logits(run, x, batch_size), torch_logits(net, x, batch_size)
     diff = np.abs(flax_out - torch_out)
     max_diff = float(diff.max())
-    log(f"logit check: max abs diff {max_diff:.3e} (tol {args.tol:g})")
-    if not max_diff <= args.tol:
+    log(f"logit check: max abs diff {max_diff:.3e} (tol {tol:g})")
+    if not max_diff <= tol:
         raise SystemExit(
             f"error: the torch copy's logits differ from the Flax model's by {max_diff:.3e} "
-            f"(> --tol={args.tol:g}, worst point {int(diff.max(1).argmax())}): the "
+            f"(> --tol={tol:g}, worst point {int(diff.max(1).argmax())}): the "
             "comparison would not be on the same network."
         )
-
-    out = args.out or default_out(run, args, budget)
-    stem = out[:-5] if out.endswith(".json") else out
-    settings = {
-        "workdir": os.path.abspath(args.workdir),
-        "step": int(run.step),
-        "norm": args.norm,
-        "eps": eps,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "budget": dataclasses.asdict(budget),
-        "points": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
+    check = {
+        "max_abs_diff": max_diff,
+        "tol": tol,
+        "argmax_agreement": _agree(flax_out.argmax(1), torch_out.argmax(1)),
     }
-    journal = open_journal(stem + "_journal", settings)
+    return net, check
+
+
+def ours_result(
+    run: Run, x: np.ndarray, y: np.ndarray, journal: str, **kwargs: Any
+) -> dict[str, Any]:
+    """Our cascade's masks and times (``kwargs``: :func:`run_ours`'s), from the journal if an
+    earlier try finished it."""
     ours_file = os.path.join(journal, "ours.npz")
     if os.path.exists(ours_file):
         ours = load_ours(ours_file)
@@ -643,16 +650,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logging.set_verbosity(logging.INFO)  # its per-batch and progress lines (not orbax's)
         start = time.perf_counter()
         with CompileTimer() as compile_timer:
-            res = run_ours(
-                run,
-                x,
-                y.astype(np.int32),
-                norm=args.norm,
-                eps=eps,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                budget=budget,
-            )
+            res = run_ours(run, x, y.astype(np.int32), **kwargs)
         ours = {
             "clean": np.asarray(res.clean, bool),
             "robust": np.asarray(res.robust, bool),
@@ -668,32 +666,106 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + " ".join(f"{k}={v.mean():.4f}" for k, v in ours["stages"].items())
         + f" ({ours['seconds']:.1f} s, compilation {ours['compile_seconds']:.1f} s)"
     )
+    return ours
 
+
+def reference_result(
+    args: argparse.Namespace,
+    net: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps: float,
+    protocol: Protocol,
+    journal: str,
+    settings: dict[str, Any],
+) -> tuple[dict[str, Any], float]:
+    """(the reference cascade's masks and times, its wall time): run now (resuming from the
+    journal), or read from ``--reference_from``."""
     if args.reference_from:
-        ref, ref_s = earlier_reference(args.reference_from, settings, n, budget.attacks)
+        ref, ref_s = earlier_reference(args.reference_from, settings, len(y), protocol.attacks)
         log(f"reference: measured earlier, read from {args.reference_from}")
-    else:
-        log("reference: pyautoattack (fra31/auto-attack)")
-        adversary = make_reference(net, norm=args.norm, eps=eps, seed=args.seed, budget=budget)
-        start = time.perf_counter()
-        ref = run_reference(
-            adversary,
-            x,
-            y,
-            batch_size=args.batch_size,
-            attacks=budget.attacks,
-            journal=os.path.join(journal, "reference"),
-        )
-        # Resumed: the batches' recorded times (each measured whole, in whichever session).
-        ref_s = time.perf_counter() - start
-        if ref["resumed_batches"]:
-            ref_s = sum(ref["stage_seconds"].values())
-    ours_s = ours["seconds"]
+        return ref, ref_s
+    log("reference: pyautoattack (fra31/auto-attack)")
+    adversary = make_reference(net, norm=args.norm, eps=eps, seed=args.seed, protocol=protocol)
+    start = time.perf_counter()
+    ref = run_reference(
+        adversary,
+        x,
+        y,
+        batch_size=args.batch_size,
+        attacks=protocol.attacks,
+        journal=os.path.join(journal, "reference"),
+    )
+    # Resumed: the batches' recorded times (each measured whole, in whichever session).
+    if ref["resumed_batches"]:
+        return ref, sum(ref["stage_seconds"].values())
+    return ref, time.perf_counter() - start
 
-    results = compare(ours, ref, budget.attacks)
+
+def write_outputs(
+    out: str, report: dict[str, Any], ours: dict[str, Any], ref: dict[str, Any]
+) -> None:
+    """``out`` (JSON), its ``.md`` and ``_masks.npz``; prints the table."""
+    stem = out[:-5] if out.endswith(".json") else out
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    masks = {"clean_ours": ours["clean"], "clean_reference": ref["clean"]}
+    for who, res in (("ours", ours), ("reference", ref)):
+        masks.update({f"{who}_{k.replace('-', '_')}": v for k, v in res["stages"].items()})
+    np.savez_compressed(stem + "_masks.npz", **masks)
+    print(markdown(report), flush=True)
+    log(f"wrote {out}, {stem}.md, {stem}_masks.npz")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    parallel.set_xla_cpu_defaults()
+    protocol, eps = protocol_from(args), parse_eps(args.eps)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    log(f"AutoAttack {protocol.describe()}")
+
+    run = load(args.workdir, args.checkpoint)
+    cfg = run.config
+    if cfg.get("half_precision"):
+        raise SystemExit(
+            "error: the run computes in bfloat16 (half_precision); the torch copy is float32, "
+            "so the two models' logits cannot agree to --tol. Compare a float32 run."
+        )
+    x, y, subset = input_pipeline.evaluation_points(run.dataset, args.num_examples)
+    x, y, n = np.asarray(x, np.float32), np.asarray(y, np.int64), len(y)
+    log(
+        f"run {args.workdir} step {run.step} ({cfg['model']} width {cfg['width']}, "
+        f"mode {cfg['mode']}, {cfg['dataset']}): {n} points {x.shape[1:]}"
+    )
+    net, logit_check = check_torch_copy(run, x, args.batch_size, args.tol)
+
+    out = args.out or default_out(run, args, protocol)
+    stem = out[:-5] if out.endswith(".json") else out
+    settings = {
+        "workdir": os.path.abspath(args.workdir),
+        "step": int(run.step),
+        "norm": args.norm,
+        "eps": eps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "budget": protocol.asdict(),
+        "points": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
+    }
+    journal = open_journal(stem + "_journal", settings)
+    kw = dict(norm=args.norm, eps=eps, seed=args.seed, batch_size=args.batch_size)
+    ours = ours_result(run, x, y, journal, **kw, protocol=protocol)
+    ref, ref_s = reference_result(
+        args, net, x, y, eps=eps, protocol=protocol, journal=journal, settings=settings
+    )
+    ours_s = ours["seconds"]
     report = {
-        "standard": budget.standard,
-        "budget": {**dataclasses.asdict(budget), "text": budget.describe()},
+        "standard": protocol.full,  # a version's own protocol (see "version")
+        "version": protocol.version,
+        "budget": {**protocol.asdict(), "text": protocol.describe()},
         "reference_from": args.reference_from
         and {"report": args.reference_from, "measured": ref["measured"]},
         "n": n,
@@ -707,12 +779,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "checkpoint": args.checkpoint,
         "step": int(run.step),
         "model": model_info(cfg),
-        "logit_check": {
-            "max_abs_diff": max_diff,
-            "tol": args.tol,
-            "argmax_agreement": _agree(flax_out.argmax(1), torch_out.argmax(1)),
-        },
-        "results": results,
+        "logit_check": logit_check,
+        "results": compare(ours, ref, protocol.attacks),
         "max_perturbation": {
             "ours": ours["max_perturbation"],
             "reference": ref["max_perturbation"],
@@ -740,18 +808,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ["python", "-m", "experiments.aa_reference", *(sys.argv[1:] if argv is None else argv)]
         ),
     }
-
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-    masks = {"clean_ours": ours["clean"], "clean_reference": ref["clean"]}
-    for who, res in (("ours", ours), ("reference", ref)):
-        masks.update({f"{who}_{k.replace('-', '_')}": v for k, v in res["stages"].items()})
-    np.savez_compressed(stem + "_masks.npz", **masks)
-    print(markdown(report), flush=True)
+    write_outputs(out, report, ours, ref)
     shutil.rmtree(journal)  # the report holds everything it recorded
-    log(f"wrote {out}, {stem}.md, {stem}_masks.npz")
     return report
 
 

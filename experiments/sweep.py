@@ -45,6 +45,7 @@ from etils import epath
 
 from experiments.grids import GRIDS, RunSpec
 from samrobust import errors, paths
+from samrobust.metrics import format_seconds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_FLUSH_SECONDS = 30.0  # how often a run's output is appended to a remote log.txt
@@ -169,11 +170,6 @@ def check_finished_config(run: Run, config: ml_collections.ConfigDict) -> list[s
     if not path.exists():
         return [f"{path} is missing"]
     return config_mismatch(json.loads(path.read_text()), config.to_dict())
-
-
-def format_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 class StoppedError(Exception):

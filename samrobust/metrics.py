@@ -20,6 +20,12 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from samrobust import paths
 
 
+def format_seconds(s: float) -> str:
+    """``H:MM:SS``, as progress lines (training's ETA, the sweep's) print durations."""
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class MetricWriter:
     """Appends scalars to ``workdir/metrics.jsonl`` and a TensorBoard event file."""
 

@@ -37,7 +37,7 @@ from samrobust.checkpoint import (
 )
 from samrobust.config_check import ConfigError, validate_config
 from samrobust.errors import UserError
-from samrobust.metrics import MetricWriter
+from samrobust.metrics import MetricWriter, format_seconds
 from samrobust.optim import create_optimizer, learning_rate_schedule, sam_perturbs
 from samrobust.preemption import PreemptedError, Preemption
 from samrobust.step import (
@@ -56,11 +56,6 @@ from samrobust.workdir import WorkdirLock
 
 class TrainingDivergedError(UserError, FloatingPointError):
     """The loss became NaN or infinite."""
-
-
-def _format_seconds(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -388,7 +383,7 @@ def _log_progress(
         summary["accuracy"],
         summary["learning_rate"],
         rate,
-        _format_seconds(eta),
+        format_seconds(eta),
     )
 
 

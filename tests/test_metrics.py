@@ -2,7 +2,7 @@
 
 import json
 
-from samrobust.metrics import MetricWriter
+from samrobust.metrics import MetricWriter, format_seconds
 
 
 def test_scalars_reach_the_json_lines_and_tensorboard(tmp_path):
@@ -28,3 +28,9 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
     writer.write(1, {"train/loss": 1.0})
     writer.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_progress_lines_print_durations_as_hours_minutes_seconds():
+    assert format_seconds(0) == "0:00:00"
+    assert format_seconds(3725.9) == "1:02:05"  # truncated, not rounded
+    assert format_seconds(100 * 3600 + 59) == "100:00:59"

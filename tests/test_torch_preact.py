@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from experiments import torch_preact  # noqa: E402
+from samrobust import autoattack as aa  # noqa: E402
 from samrobust import models  # noqa: E402
 
 TOL = 1e-4
@@ -150,19 +151,20 @@ def test_reference_cascade_on_the_copy():
     pytest.importorskip("pyautoattack", reason="pyautoattack is not installed")
     from experiments import aa_reference
 
-    budget = aa_reference.Budget(n_iter=3, n_target_classes=2, n_queries=4)
-    assert not budget.standard and "NON-STANDARD" in budget.describe()
-    assert aa_reference.Budget().standard
+    budget = aa_reference.samrobust_aa.Budget(n_iter=3, n_target_classes=2, n_queries=4)
+    protocol = aa_reference.Protocol(budget=budget)
+    assert not protocol.full and "NON-STANDARD" in protocol.describe()
+    assert aa_reference.Protocol().full
     _, _, net = _setup((8, 8, 1))
-    adversary = aa_reference.make_reference(net, norm="linf", eps=0.3, seed=0, budget=budget)
+    adversary = aa_reference.make_reference(net, norm="linf", eps=0.3, seed=0, protocol=protocol)
     assert (adversary.apgd.n_iter, adversary.apgd.n_iter_2, adversary.fab.n_iter) == (3, 1, 3)
     assert adversary.apgd_targeted.n_target_classes == adversary.fab.n_target_classes == 2
     assert adversary.square.n_queries == 4
     x = _images(6, 8, 8, 1, seed=3)
     y = torch_preact.torch_logits(net, x).argmax(1)  # all correct at x
     y[0] = (y[0] + 1) % 10  # one misclassified point
-    ref = aa_reference.run_reference(adversary, x, y, batch_size=4, attacks=budget.attacks)
-    assert list(ref["stages"]) == list(aa_reference.STAGES)
+    ref = aa_reference.run_reference(adversary, x, y, batch_size=4, attacks=protocol.attacks)
+    assert list(ref["stages"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert ref["clean"].tolist() == [False] + [True] * 5
     masks = [ref["clean"], *ref["stages"].values()]
     for before, after in zip(masks, masks[1:], strict=False):
@@ -177,21 +179,22 @@ def test_an_interrupted_reference_cascade_resumes_from_its_journal(tmp_path):
     pytest.importorskip("pyautoattack", reason="pyautoattack is not installed")
     from experiments import aa_reference
 
-    budget = aa_reference.Budget(n_iter=3, n_target_classes=2, n_queries=4)
+    budget = aa_reference.samrobust_aa.Budget(n_iter=3, n_target_classes=2, n_queries=4)
+    protocol = aa_reference.Protocol(budget=budget)
     _, _, net = _setup((8, 8, 1))
     x = _images(6, 8, 8, 1, seed=3)
     y = torch_preact.torch_logits(net, x).argmax(1)
 
     def run(journal):
-        adversary = aa_reference.make_reference(net, norm="l2", eps=0.02, seed=0, budget=budget)
+        adversary = aa_reference.make_reference(net, norm="l2", eps=0.02, seed=0, protocol=protocol)
         return aa_reference.run_reference(
-            adversary, x, y, batch_size=4, attacks=budget.attacks, journal=journal
+            adversary, x, y, batch_size=4, attacks=protocol.attacks, journal=journal
         )
 
     journal = str(tmp_path / "journal")
     whole = run(journal)
     records = sorted(os.listdir(journal))
-    assert whole["resumed_batches"] == 0 and len(records) >= len(budget.attacks)
+    assert whole["resumed_batches"] == 0 and len(records) >= len(protocol.attacks)
     os.remove(os.path.join(journal, records[-1]))  # as if killed during that batch
     resumed = run(journal)
     assert resumed["resumed_batches"] == len(records) - 1
@@ -237,3 +240,26 @@ def test_a_comparison_journal_keeps_our_result_and_refuses_other_settings(tmp_pa
     assert aa_reference.open_journal(path, dict(settings)) == path  # same settings: resume
     with pytest.raises(SystemExit, match="other settings \\(eps\\)"):
         aa_reference.open_journal(path, settings | {"eps": 2 / 255})
+
+
+def test_comparison_protocols_from_the_flags():
+    """``--version``, ``--budget=reduced``, ``--attacks`` and ``--n_*`` give the library's
+    attacks and Budget; a standard comparison's settings keep their pre-restart keys."""
+    from experiments import aa_reference
+
+    def protocol(*flags):
+        return aa_reference.protocol_from(aa_reference.parse_args(["--workdir=w", *flags]))
+
+    standard = protocol()
+    assert (
+        standard.full and standard.version == "standard" and "n_restarts" not in standard.asdict()
+    )
+    plus = protocol("--version=plus")
+    assert plus.full and plus.attacks == aa.PLUS_ATTACKS and plus.budget == aa.PLUS_BUDGET
+    quick = protocol("--version=plus", "--budget=reduced")
+    assert not quick.full and (quick.budget.n_iter, quick.budget.n_restarts) == (10, 5)
+    assert "NON-STANDARD" in quick.describe() and quick.asdict()["n_restarts"] == 5
+    custom = protocol("--attacks=apgd-ce,fab", "--n_restarts=2")
+    assert custom.version == "custom" and not custom.full and custom.budget.n_restarts == 2
+    with pytest.raises(SystemExit, match="error: .*Unknown attacks"):
+        protocol("--attacks=apgd-ce,pgd")
