@@ -52,7 +52,10 @@ def markdown(report: dict[str, Any]) -> str:
             version = a.get("version", "standard")
             if version == "custom":
                 version = f"custom ({', '.join(a['attacks'])})"
-            what = f"AutoAttack {version} (n_iter {a['n_iter']}, n_queries {a['n_queries']})"
+            restarts = a.get("n_restarts", 1)
+            what = f"AutoAttack {version} (n_iter {a['n_iter']}, n_queries {a['n_queries']}" + (
+                f", n_restarts {restarts})" if restarts != 1 else ")"
+            )
             norm, eps = a["norm"], format_eps(a["eps"])
         else:
             what = f"{a['attack']} {a['loss'].upper()}, step {format_eps(a['step_size'])}"

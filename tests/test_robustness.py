@@ -124,6 +124,7 @@ def test_autoattack_plus_runs_six_attacks_finds_the_exact_robust_set_and_is_name
     np.testing.assert_array_equal(report["masks"][name], clean & (dist > eps))
     assert any("reduced AutoAttack budget" in w and "plus" in w for w in report["warnings"])
     assert not any("custom" in w for w in report["warnings"])
+    assert "AutoAttack plus (n_iter 20, n_queries 50, n_restarts 2)" in reports.markdown(report)
     stem = reports.report_stem
     assert stem("autoattack", attacks=aa.PLUS_ATTACKS) == "eval_autoattack-plus_linf_8_255"
     assert stem("autoattack", budget=budget, attacks=aa.PLUS_ATTACKS).endswith("_q50_r2")
