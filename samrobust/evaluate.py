@@ -128,6 +128,26 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string(
         "data_dir", None, "The dataset's data_dir (default: the run's).", flag_values=flag_values
     )
+    _define_autoattack_flags(flag_values)
+    flags.DEFINE_integer(
+        "unroll",
+        None,
+        "Attack iterations per loop body: PGD's fori_loop unroll (default: full on CPU) and "
+        "AutoAttack's iterations per jitted call on CPU / fori_loop unroll elsewhere.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_float(
+        "lock_stale_after_s",
+        DEFAULT_STALE_AFTER_S,
+        "Take over the workdir's lock once its holder's heartbeat is this many seconds old.",
+        flag_values=flag_values,
+    )
+    parallel.define_runtime_flags(flag_values)
+    flags.mark_flag_as_required("workdir", flag_values=flag_values)
+
+
+def _define_autoattack_flags(flag_values: flags.FlagValues) -> None:
+    """AutoAttack's version and budget."""
     flags.DEFINE_enum(
         "version",
         None,
@@ -158,21 +178,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "Runs of APGD-CE, APGD-DLR and untargeted FAB (default: the version's, 1 or plus's 5).",
         flag_values=flag_values,
     )
-    flags.DEFINE_integer(
-        "unroll",
-        None,
-        "Attack iterations per loop body: PGD's fori_loop unroll (default: full on CPU) and "
-        "AutoAttack's iterations per jitted call on CPU / fori_loop unroll elsewhere.",
-        flag_values=flag_values,
-    )
-    flags.DEFINE_float(
-        "lock_stale_after_s",
-        DEFAULT_STALE_AFTER_S,
-        "Take over the workdir's lock once its holder's heartbeat is this many seconds old.",
-        flag_values=flag_values,
-    )
-    parallel.define_runtime_flags(flag_values)
-    flags.mark_flag_as_required("workdir", flag_values=flag_values)
 
 
 @dataclasses.dataclass(frozen=True)

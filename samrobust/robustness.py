@@ -251,17 +251,8 @@ def evaluate(
     num_classes = _checked_num_classes(logits_fn, variables, images, labels, num_classes)
 
     specs = SUITE_PGD[suite]
-    pgd = pgd_suite(
-        logits_fn,
-        variables,
-        images,
-        labels,
-        specs=specs,
-        batch_size=batch_size,
-        seed=seed,
-        mesh=mesh,
-        unroll=unroll,
-    )
+    kw = dict(batch_size=batch_size, seed=seed, mesh=mesh, unroll=unroll)
+    pgd = pgd_suite(logits_fn, variables, images, labels, specs=specs, **kw)
     report: dict[str, Any] = {
         "suite": suite,
         "num_examples": len(images),
@@ -288,12 +279,9 @@ def evaluate(
             eps=eps,
             norm=norm,
             budget=budget,
-            batch_size=batch_size,
-            seed=seed,
-            mesh=mesh,
-            unroll=unroll,
             journal=journal,
             attacks=attacks,
+            **kw,
         )
         warnings += _add_autoattack(report, result, eps, norm, budget, journal, attacks)
     pgd_acc = [report["accuracy"][s.name] for s in specs]
