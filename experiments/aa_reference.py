@@ -379,7 +379,7 @@ def markdown(report: dict[str, Any]) -> str:
     r, t, m = report["results"], report["time_s"], report["model"]
     lines = []
     if not report["standard"]:
-        lines += [f"**NON-STANDARD budget, not AutoAttack: {report['budget']['text']}**", ""]
+        lines += [f"**{report['budget']['text']}: not an AutoAttack protocol**", ""]
     sub = report.get("subset") or {}
     points = (
         f"the {report['n']}-point class-stratified evaluation subset"
