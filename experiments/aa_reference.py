@@ -98,9 +98,7 @@ class Protocol:
         """The budget's fields and the attacks (one restart left out, as in the reports and
         journals written before restarts could be set)."""
         out = dataclasses.asdict(self.budget) | {"attacks": list(self.attacks)}
-        if out["n_restarts"] == 1:
-            del out["n_restarts"]
-        return out
+        return {k: v for k, v in out.items() if not (k in ("n_restarts", "eot_iter") and v == 1)}
 
     def describe(self) -> str:
         b = self.budget

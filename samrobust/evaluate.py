@@ -205,6 +205,8 @@ def settings(flag_values: flags.FlagValues = FLAGS) -> Settings:
         names, full = aa.resolve_version(fv.version, fv.attacks or None, None)
     except ValueError as e:
         raise UserError(f"--version/--attacks: {e}") from None
+    if full.eot_iter > 1:
+        raise UserError(f"--version=rand: {robustness.RAND_IS_FOR_RANDOM_MODELS}")
     try:
         restarts = full.n_restarts if fv.n_restarts is None else fv.n_restarts
         budget = aa.Budget(fv.n_iter, fv.n_target_classes, fv.n_queries, restarts)

@@ -54,6 +54,11 @@ from samrobust.parallel import default_mesh, replicate
 SUITES = ("clean", "paper", "autoattack", "full")
 AUTOATTACK_SUITES = ("autoattack", "full")  # the suites that run AutoAttack
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5}
+RAND_IS_FOR_RANDOM_MODELS = (
+    "AutoAttack rand (expectation over draws) is for models random at test time; these "
+    "suites evaluate deterministic models: use standard or plus, or call "
+    "samrobust.autoattack.autoattack on a RandomizedModel"
+)
 
 PAPER_SUITE = (
     PGDSpec("linf", 1 / 255, 0.25 / 255),
@@ -244,6 +249,8 @@ def evaluate(
     """
     mesh = mesh or default_mesh()
     attacks, budget = aa.resolve_version(version, attacks, budget)
+    if budget.eot_iter > 1:
+        raise ValueError(RAND_IS_FOR_RANDOM_MODELS)
     eps, norm = check_settings(suite, eps, norm, batch_size, mesh.size, attacks)
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
@@ -328,11 +335,13 @@ def _journal(
     attacks: tuple[str, ...],
 ) -> aa.Journal:
     """AutoAttack's journal, keyed by everything its results depend on (a key written
-    before versions had restarts stays valid: one restart is left out of it)."""
+    before versions had restarts and draws stays valid: one of each is left out of it)."""
     custom = {} if attacks == aa.STANDARD_ATTACKS else {"attacks": list(attacks)}
-    limits = dataclasses.asdict(budget)
-    if limits["n_restarts"] == 1:
-        del limits["n_restarts"]
+    limits = {
+        k: v
+        for k, v in dataclasses.asdict(budget).items()
+        if not (k in ("n_restarts", "eot_iter") and v == 1)
+    }
     settings = journal_settings(images, labels, eps=eps, norm=norm, seed=seed, **limits, **custom)
     return aa.Journal(journal_dir, settings)
 

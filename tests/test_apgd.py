@@ -81,3 +81,31 @@ def test_apgd_ce_and_apgd_t_succeed_at_least_as_often_as_pgd(linear5):
     assert success(x_t) >= s_pgd
     # The optimum flips exactly the points with analytic distance <= eps.
     assert success(x_t) <= np.mean(analytic_distance(w, x, y, "linf") <= eps + 1e-6)
+
+
+def _dropout_linear(w, x, key):
+    """A linear model with dropout on its inputs kept at test time (keep 1/2, rescaled)."""
+    keep = jax.random.bernoulli(key, 0.5, x.shape).astype(x.dtype)
+    return (x * keep * 2.0).reshape(x.shape[0], -1) @ w
+
+
+def test_eot_gradient_is_the_mean_over_draws_and_the_outputs_the_last_draws(linear5):
+    """APGD's expectation over transformation (AutoAttack rand): the gradient is the mean of
+    the per-draw gradients under the key's folds 0..n-1, computed by hand here; the loss and
+    logits are the last draw's (as in the reference)."""
+    from samrobust.autoattack.apgd import _per_example_loss, _value_and_grad
+
+    w, x, y = linear5
+    model = aa.RandomizedModel(jax.tree_util.Partial(_dropout_linear, jnp.asarray(w)), None)
+    loss_of = _per_example_loss("ce", targeted=False)
+    key = jax.random.key(3)
+    (_, (li, z)), grad = _value_and_grad(model, loss_of, y, y, eot_iter=4, key=key)(x)
+
+    def draw(xa, e):
+        return _dropout_linear(w, xa, jax.random.fold_in(key, e))
+
+    by_hand = [jax.grad(lambda xa, e=e: jnp.sum(loss_of(draw(xa, e), y, y)))(x) for e in range(4)]
+    np.testing.assert_allclose(np.asarray(grad), np.mean(by_hand, axis=0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(by_hand[0], by_hand[1])  # the draws differ: a real average
+    np.testing.assert_allclose(np.asarray(z), np.asarray(draw(x, 3)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(li), np.asarray(loss_of(z, y, y)), rtol=1e-6)

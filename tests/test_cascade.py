@@ -249,13 +249,54 @@ def test_the_plus_version_has_the_references_attacks_order_and_budgets():
         ("apgd-t", 9),
         ("fab-t", 9),
     ]
+    rand = pyaa.AutoAttack(torch.nn.Linear(4, 10), norm="Linf", eps=0.03, version="rand")
+    assert tuple(rand.attacks_to_run) == aa.RAND_ATTACKS
+    assert rand.apgd.eot_iter == aa.RAND_BUDGET.eot_iter == 20
+    assert rand.apgd.n_restarts == aa.RAND_BUDGET.n_restarts == 1
     assert aa.resolve_version(None, None, None) == (aa.STANDARD_ATTACKS, aa.STANDARD_BUDGET)
     assert aa.resolve_version("plus", None, None) == (aa.PLUS_ATTACKS, aa.PLUS_BUDGET)
     assert aa.resolve_version(None, ["fab"], None) == (("fab",), aa.STANDARD_BUDGET)
     with pytest.raises(ValueError, match="needs its list of attacks"):
         aa.resolve_version("custom", None, None)
-    with pytest.raises(ValueError, match="Unknown AutoAttack version 'rand'"):
-        aa.resolve_version("rand", None, None)
+    with pytest.raises(ValueError, match="Unknown AutoAttack version 'random'"):
+        aa.resolve_version("random", None, None)
+
+
+def _noisy_linear(w, x, key):
+    """A linear model whose logits carry a little Gaussian noise at test time."""
+    z = x.reshape(x.shape[0], -1) @ w
+    return z + 1e-4 * jax.random.normal(key, z.shape)
+
+
+def test_rand_on_a_randomized_model_matches_its_attacks_on_the_mean_model(linear5):
+    """``version="rand"`` on a model random at test time (a linear model with logit noise
+    far below every point's margin): APGD-CE then APGD-DLR, gradients averaged over draws,
+    fool exactly the points the same two attacks fool on the noise-free model, and no point
+    farther than eps from the boundary; rand and ``RandomizedModel`` go together."""
+    w, x, y = linear5
+    dist = analytic_distance(w, x, y, "linf")
+    eps = float(np.sort(dist)[7] + np.sort(dist)[8]) / 2  # between two points' distances
+    partial = jax.tree_util.Partial(_noisy_linear, jnp.asarray(w))
+    model = aa.RandomizedModel(partial, jax.random.key(1))
+    kw = dict(eps=eps, norm="linf", batch_size=16, unroll=1)
+    budget = aa.Budget(n_iter=20, eot_iter=4)
+    res = aa.autoattack(model, x, y, jax.random.key(0), version="rand", budget=budget, **kw)
+    assert list(res.stages) == list(aa.RAND_ATTACKS)
+    mean_model = aa.autoattack(
+        linear_model(w),
+        x,
+        y,
+        jax.random.key(0),
+        attacks=aa.RAND_ATTACKS,
+        budget=aa.Budget(n_iter=20),
+        **kw,
+    )
+    np.testing.assert_array_equal(res.robust, mean_model.robust)
+    assert np.all(res.robust[dist > eps]) and res.robust.sum() < len(y)
+    with pytest.raises(ValueError, match="RandomizedModel"):
+        aa.autoattack(model, x, y, jax.random.key(0), **kw)  # standard on a random model
+    with pytest.raises(ValueError, match="RandomizedModel"):
+        aa.autoattack(linear_model(w), x, y, jax.random.key(0), version="rand", **kw)
 
 
 def test_invalid_arguments():

@@ -100,6 +100,7 @@ def test_cli_full_suite_writes_json_markdown_and_masks(full_eval):
         "n_target_classes": 9,
         "n_queries": 100,
         "n_restarts": 1,
+        "eot_iter": 1,
     }
     assert all(report["images_per_s"][k] > 0 for k in acc)
 
@@ -316,3 +317,18 @@ def test_a_killed_autoattack_evaluation_resumes_to_the_same_result(run_dir, full
     for key in masks.files:
         np.testing.assert_array_equal(masks[key], whole_masks[key])
     assert not os.path.exists(journal)  # removed once the report is written
+
+
+def test_the_rand_version_is_refused_for_a_training_run():
+    """samrobust's runs are deterministic at test time: ``--version=rand`` is a user error
+    naming the fix (checked with the CLI's own flags, in this process)."""
+    from absl import flags
+
+    from samrobust import evaluate
+    from samrobust.errors import UserError
+
+    fv = flags.FlagValues()
+    evaluate.define_flags(fv)
+    fv(["samrobust.evaluate", "--workdir=w", "--suite=autoattack", "--version=rand"])
+    with pytest.raises(UserError, match="--version=rand: .*random at test time.*standard or plus"):
+        evaluate.settings(fv)

@@ -130,6 +130,8 @@ def test_autoattack_plus_runs_six_attacks_finds_the_exact_robust_set_and_is_name
     assert stem("autoattack", budget=budget, attacks=aa.PLUS_ATTACKS).endswith("_q50_r2")
     with pytest.raises(ValueError, match="for others use 'custom'"):
         robustness.evaluate(linear_logits, {}, dist, dist, version="plus", attacks=["fab"])
+    with pytest.raises(ValueError, match="random at test time"):
+        robustness.evaluate(linear_logits, {}, dist, dist, suite="autoattack", version="rand")
 
 
 def test_the_clean_suite_is_the_clean_accuracy_alone():

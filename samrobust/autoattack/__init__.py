@@ -13,17 +13,22 @@ one module per attack.
 - :mod:`~samrobust.autoattack.base`: the per-example stage protocol the attacks share.
 
 Deliberate differences from the reference are listed in each module's docstring;
-randomised models (``version="rand"``, EOT) and the L1 versions are not implemented.
+the L1 versions are not implemented. A model random at test time is a
+:class:`~samrobust.autoattack.base.RandomizedModel` (``fn(x, key)``), attacked by
+``version="rand"``: APGD-CE and APGD-DLR with gradients averaged over 20 draws (EOT).
 
   result = autoattack(jax.tree_util.Partial(apply_fn, variables), x, y, key,
                       eps=8 / 255, norm="linf", version="plus")
 """
 
 from samrobust.autoattack.apgd import apgd, apgd_targeted
+from samrobust.autoattack.base import RandomizedModel
 from samrobust.autoattack.cascade import (
     ATTACKS,
     PLUS_ATTACKS,
     PLUS_BUDGET,
+    RAND_ATTACKS,
+    RAND_BUDGET,
     STANDARD_ATTACKS,
     STANDARD_BUDGET,
     VERSIONS,
@@ -46,6 +51,9 @@ __all__ = [
     "ATTACKS",
     "PLUS_ATTACKS",
     "PLUS_BUDGET",
+    "RAND_ATTACKS",
+    "RAND_BUDGET",
+    "RandomizedModel",
     "STANDARD_ATTACKS",
     "STANDARD_BUDGET",
     "VERSIONS",

@@ -70,13 +70,36 @@ def _per_example_loss(loss: str, targeted: bool):
     return {"ce": lambda z, y, t: cross_entropy(z, y), "dlr": lambda z, y, t: dlr_loss(z, y)}[loss]
 
 
-def _value_and_grad(logits_fn: LogitsFn, loss_of, y, target):
-    def objective(xa):
-        z = logits_fn(xa)
+def _value_and_grad(logits_fn: LogitsFn, loss_of, y, target, eot_iter: int = 1, key=None):
+    """``x -> ((loss, (per-example loss, logits)), grad)``. With ``eot_iter > 1``
+    (``logits_fn`` a :class:`~samrobust.autoattack.base.RandomizedModel`), the gradient is
+    the mean over ``eot_iter`` draws of the model under ``key``'s folds, and the losses and
+    logits the last draw's, as in the reference's expectation over transformation."""
+
+    def objective(xa, model):
+        z = model(xa)
         li = loss_of(z, y, target)
         return jnp.sum(li), (li, z)
 
-    return jax.value_and_grad(objective, has_aux=True)
+    vg = jax.value_and_grad(objective, has_aux=True)
+    if eot_iter == 1:
+        return lambda xa: vg(xa, logits_fn)
+
+    def eot(xa):
+        def body(e, grad_sum):
+            _, g = vg(xa, logits_fn.draw(jax.random.fold_in(key, e)))
+            return grad_sum + g
+
+        grad_sum = jax.lax.fori_loop(0, eot_iter - 1, body, jnp.zeros_like(xa))
+        out, g = vg(xa, logits_fn.draw(jax.random.fold_in(key, eot_iter - 1)))
+        return out, (grad_sum + g) / eot_iter
+
+    return eot
+
+
+def _model_key(s: State, i: jax.Array) -> jax.Array:
+    """The batch's key for the model's draws at iteration ``i`` (-1: the start)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(s["model_key"][0]), i)
 
 
 def _init(
@@ -91,14 +114,20 @@ def _init(
     loss: str,
     targeted: bool,
     n_restarts: int,
+    eot_iter: int,
 ) -> State:
     """The state at ``x^(0)``: a random point on the sphere of the ball, clipped to [0, 1]."""
     x = jax.lax.stop_gradient(x)
     target = target_classes(logits_fn(x), j // n_restarts) if targeted else y
     x_adv = jnp.clip(x + eps * sphere_start(keys, x, norm), 0.0, 1.0)
-    vg = _value_and_grad(logits_fn, _per_example_loss(loss, targeted), y, target)
-    (_, (loss0, z0)), grad = vg(x_adv)
+    model_key = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    if jnp.issubdtype(model_key.dtype, jax.dtypes.prng_key):
+        model_key = jax.random.key_data(model_key)
+    key0 = _model_key({"model_key": model_key}, jnp.int32(-1))
+    loss_of = _per_example_loss(loss, targeted)
+    (_, (loss0, z0)), grad = _value_and_grad(logits_fn, loss_of, y, target, eot_iter, key0)(x_adv)
     return dict(
+        model_key=model_key,
         x=x,
         y=y,
         target=target,
@@ -129,6 +158,7 @@ def _step(
     loss: str,
     targeted: bool,
     rho: float,
+    eot_iter: int,
 ) -> State:
     """One APGD iteration, then the step-size check if ``i`` ends a checkpoint interval."""
     x, y = s["x"], s["y"]
@@ -147,7 +177,8 @@ def _step(
     a = jnp.where(i > 0, 0.75, 1.0)
     z = to_ball(s["x_adv"] + s["step"] * ascent_direction(s["grad"], norm))
     x_new = to_ball(s["x_adv"] + (z - s["x_adv"]) * a + momentum * (1.0 - a))
-    vg = _value_and_grad(logits_fn, _per_example_loss(loss, targeted), y, s["target"])
+    loss_of = _per_example_loss(loss, targeted)
+    vg = _value_and_grad(logits_fn, loss_of, y, s["target"], eot_iter, _model_key(s, i))
     (_, (li, logits)), grad = vg(x_new)
     miss = jnp.argmax(logits, axis=-1) != y
     improved = li > s["loss_best"]
@@ -196,13 +227,18 @@ def stage(
     n_target_classes: int = 0,
     n_restarts: int = 1,
     rho: float = 0.75,
+    eot_iter: int = 1,
 ) -> Stage:
     """APGD as a cascade stage: untargeted (``n_target_classes=0``, APGD-CE with the
     standard ``loss="ce"``) or targeted against each of the ``n_target_classes`` most
-    likely wrong classes in turn (APGD-T with ``loss="dlr"``), ``n_restarts`` runs each."""
+    likely wrong classes in turn (APGD-T with ``loss="dlr"``), ``n_restarts`` runs each.
+    ``eot_iter > 1``: gradients averaged over that many draws of a
+    :class:`~samrobust.autoattack.base.RandomizedModel` (AutoAttack *rand*)."""
     _check(eps, norm, n_iter, loss, n_restarts)
+    if eot_iter < 1:
+        raise ValueError(f"eot_iter must be >= 1; got {eot_iter}")
     targeted = n_target_classes > 0
-    kw = dict(eps=eps, norm=norm, loss=loss, targeted=targeted)
+    kw = dict(eps=eps, norm=norm, loss=loss, targeted=targeted, eot_iter=eot_iter)
     return Stage(
         name="apgd-t" if targeted else f"apgd-{loss}",
         n_runs=n_restarts * max(n_target_classes, 1),

@@ -21,6 +21,35 @@ import jax.numpy as jnp
 from samrobust.attacks import LogitsFn
 
 State = dict[str, jax.Array]
+
+
+@jax.tree_util.register_pytree_node_class
+class RandomizedModel:
+    """A model that is random at test time, ``fn(x, key) -> logits`` (e.g. dropout kept on):
+    calling it is one draw under ``key``; :meth:`draw` gives another. AutoAttack's *rand*
+    version averages APGD's gradients over draws (expectation over transformation); its
+    checks of a returned point use the default draw. Pass ``fn`` as a
+    ``jax.tree_util.Partial`` (its parameters then stay arguments of the jitted attacks)."""
+
+    def __init__(self, fn: Callable[[jax.Array, jax.Array], jax.Array], key: jax.Array):
+        self.fn, self.key = fn, key
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fn(x, self.key)
+
+    def draw(self, key: jax.Array) -> "RandomizedModel":
+        return RandomizedModel(self.fn, key)
+
+    def tree_flatten(self):
+        if isinstance(self.fn, jax.tree_util.Partial):  # its parameters are leaves
+            return (self.fn, self.key), None
+        return (self.key,), self.fn
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children) if aux is None else cls(aux, *children)
+
+
 InitFn = Callable[[LogitsFn, jax.Array, jax.Array, jax.Array, jax.Array], State]
 StepFn = Callable[[LogitsFn, State, jax.Array], State]
 

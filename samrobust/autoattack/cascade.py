@@ -52,7 +52,7 @@ from samrobust.attacks import (
     perturbation_norm,
 )
 from samrobust.autoattack.apgd import stage as apgd_stage
-from samrobust.autoattack.base import Stage
+from samrobust.autoattack.base import RandomizedModel, Stage
 from samrobust.autoattack.fab import stage as fab_stage
 from samrobust.autoattack.journal import Journal
 from samrobust.autoattack.runners import Local, Runner, Tree
@@ -61,9 +61,11 @@ from samrobust.autoattack.square import stage as square_stage
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 # AutoAttack "plus" (the reference's order; its budget is PLUS_BUDGET).
 PLUS_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+# AutoAttack "rand", for models random at test time (its budget is RAND_BUDGET).
+RAND_ATTACKS = ("apgd-ce", "apgd-dlr")
 # Every attack a cascade can run (a custom version: any of them, in any order).
 ATTACKS = (*STANDARD_ATTACKS, "apgd-dlr", "fab")
-VERSIONS = ("standard", "plus", "custom")
+VERSIONS = ("standard", "plus", "rand", "custom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +76,21 @@ class Budget:
     n_target_classes: int = 9  # APGD-T and FAB-T target classes
     n_queries: int = 5000  # Square queries
     n_restarts: int = 1  # runs of APGD-CE, APGD-DLR and untargeted FAB (plus: 5)
+    eot_iter: int = 1  # model draws per APGD-CE/-DLR gradient (rand: 20; a RandomizedModel)
 
     def __post_init__(self):
-        if min(self.n_iter, self.n_target_classes, self.n_restarts) < 1 or self.n_queries < 0:
+        if min(self.n_iter, self.n_target_classes, self.n_restarts, self.eot_iter) < 1:
             raise ValueError(
-                f"invalid AutoAttack budget {self}: n_iter, n_target_classes, n_restarts >= 1"
+                f"invalid AutoAttack budget {self}: n_iter, n_target_classes, n_restarts, "
+                "eot_iter >= 1"
             )
+        if self.n_queries < 0:
+            raise ValueError(f"invalid AutoAttack budget {self}: n_queries >= 0")
 
 
 STANDARD_BUDGET = Budget()
 PLUS_BUDGET = Budget(n_restarts=5)
+RAND_BUDGET = Budget(eot_iter=20)
 
 
 def version_of(attacks: Sequence[str]) -> str:
@@ -99,9 +106,9 @@ def version_budget(attacks: Sequence[str]) -> Budget:
 def resolve_version(
     version: str | None, attacks: Sequence[str] | None, budget: Budget | None
 ) -> tuple[tuple[str, ...], Budget]:
-    """``(attacks, budget)`` of a version: ``"standard"``, ``"plus"`` (their attacks; their
-    full budget unless ``budget`` is given) or ``"custom"`` (``attacks``, required). With
-    ``version=None``: custom if ``attacks`` are given, else standard."""
+    """``(attacks, budget)`` of a version: ``"standard"``, ``"plus"``, ``"rand"`` (their
+    attacks; their full budget unless ``budget`` is given) or ``"custom"`` (``attacks``,
+    required). With ``version=None``: custom if ``attacks`` are given, else standard."""
     if version is None:
         version = "standard" if attacks is None else "custom"
     if version not in VERSIONS:
@@ -111,10 +118,14 @@ def resolve_version(
             raise ValueError("a custom AutoAttack version needs its list of attacks")
         check_attacks(attacks)
     else:
-        named = PLUS_ATTACKS if version == "plus" else STANDARD_ATTACKS
+        named, full = {
+            "standard": (STANDARD_ATTACKS, STANDARD_BUDGET),
+            "plus": (PLUS_ATTACKS, PLUS_BUDGET),
+            "rand": (RAND_ATTACKS, RAND_BUDGET),
+        }[version]
         if attacks is not None and tuple(attacks) != named:
             raise ValueError(f"version {version!r} runs {list(named)}; for others use 'custom'")
-        attacks = named
+        return named, budget or full
     return tuple(attacks), budget or version_budget(attacks)
 
 
@@ -135,10 +146,10 @@ def make_stages(
     if n_t < 1:
         raise ValueError(f"AutoAttack needs at least 2 classes; the model has {num_classes}")
     kw = dict(eps=eps, norm=norm, n_iter=budget.n_iter)
-    restarts = budget.n_restarts
+    restarts, eot = budget.n_restarts, budget.eot_iter
     make = {
-        "apgd-ce": lambda: apgd_stage(**kw, loss="ce", n_restarts=restarts),
-        "apgd-dlr": lambda: apgd_stage(**kw, loss="dlr", n_restarts=restarts),
+        "apgd-ce": lambda: apgd_stage(**kw, loss="ce", n_restarts=restarts, eot_iter=eot),
+        "apgd-dlr": lambda: apgd_stage(**kw, loss="dlr", n_restarts=restarts, eot_iter=eot),
         "apgd-t": lambda: apgd_stage(**kw, loss="dlr", n_target_classes=n_t),
         "fab": lambda: fab_stage(**kw, n_target_classes=0, n_restarts=restarts),
         "fab-t": lambda: fab_stage(**kw, n_target_classes=n_t),
@@ -328,6 +339,11 @@ def autoattack(
     x = np.asarray(x, np.float32)
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct(x[:1].shape, x.dtype)).shape[-1]
     attacks, budget = resolve_version(version, attacks, budget)
+    if (budget.eot_iter > 1) != isinstance(logits_fn, RandomizedModel):
+        raise ValueError(
+            "expectation over draws (eot_iter > 1, the rand version) is for a RandomizedModel, "
+            "and a RandomizedModel needs it: use version='rand' for a model random at test time"
+        )
     stages = make_stages(attacks, eps=eps, norm=norm, budget=budget, num_classes=num_classes)
     return run_cascade(logits_fn, x, y, key, stages, eps=eps, norm=norm, **options)
 
