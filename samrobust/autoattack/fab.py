@@ -17,6 +17,7 @@ the stand-alone, jittable attack, also as a minimum-norm attack (``eps=None``).
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -255,19 +256,14 @@ def fab(
     key: jax.Array,
     *,
     eps: float | None,
-    norm: str = "linf",
-    n_iter: int = 100,
-    n_restarts: int = 1,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
     unroll: int = 1,
+    **options: Any,
 ) -> jax.Array:
-    """Untargeted FAB (each step towards the nearest linearised boundary), ``n_restarts``
-    runs; returns as :func:`fab_targeted` does."""
+    """Untargeted FAB (each step towards the nearest linearised boundary): ``options`` are
+    :func:`stage`'s (``norm``, ``n_iter``, ``n_restarts``, ``alpha_max``, ``eta``,
+    ``beta``); returns as :func:`fab_targeted` does."""
     x = jax.lax.stop_gradient(x)
-    kw = dict(eps=eps, norm=norm, n_iter=n_iter, n_target_classes=0, n_restarts=n_restarts)
-    st = stage(**kw, alpha_max=alpha_max, eta=eta, beta=beta)
+    st = stage(eps=eps, n_target_classes=0, **{"norm": "linf", **options})
     return _smallest_adversarials(st, logits_fn, x, y, key, eps, unroll)
 
 
