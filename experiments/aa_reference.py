@@ -97,8 +97,7 @@ class Protocol:
     def asdict(self) -> dict[str, Any]:
         """The budget's fields and the attacks (one restart left out, as in the reports and
         journals written before restarts could be set)."""
-        out = dataclasses.asdict(self.budget) | {"attacks": list(self.attacks)}
-        return {k: v for k, v in out.items() if not (k in ("n_restarts", "eot_iter") and v == 1)}
+        return samrobust_aa.budget_key(self.budget) | {"attacks": list(self.attacks)}
 
     def describe(self) -> str:
         b = self.budget

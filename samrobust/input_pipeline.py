@@ -96,8 +96,8 @@ def _sklearn_digits() -> np.ndarray:
             "scikit-learn is not installed, needed for --config.dataset=digits. "
             "Fix: pip install scikit-learn"
         )
-    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
-    return np.loadtxt(path, delimiter=",")
+    path = epath.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    return np.loadtxt(str(path), delimiter=",")
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:

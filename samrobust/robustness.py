@@ -334,14 +334,9 @@ def _journal(
     budget: aa.Budget,
     attacks: tuple[str, ...],
 ) -> aa.Journal:
-    """AutoAttack's journal, keyed by everything its results depend on (a key written
-    before versions had restarts and draws stays valid: one of each is left out of it)."""
+    """AutoAttack's journal, keyed by everything its results depend on."""
     custom = {} if attacks == aa.STANDARD_ATTACKS else {"attacks": list(attacks)}
-    limits = {
-        k: v
-        for k, v in dataclasses.asdict(budget).items()
-        if not (k in ("n_restarts", "eot_iter") and v == 1)
-    }
+    limits = aa.budget_key(budget)
     settings = journal_settings(images, labels, eps=eps, norm=norm, seed=seed, **limits, **custom)
     return aa.Journal(journal_dir, settings)
 

@@ -97,8 +97,11 @@ def _value_and_grad(logits_fn: LogitsFn, loss_of, y, target, eot_iter: int = 1, 
     return eot
 
 
-def _model_key(s: State, i: jax.Array) -> jax.Array:
-    """The batch's key for the model's draws at iteration ``i`` (-1: the start)."""
+def _model_key(s: State, i: jax.Array) -> jax.Array | None:
+    """The batch's key for the model's draws at iteration ``i`` (-1: the start); None for a
+    deterministic model (no ``model_key`` in the state)."""
+    if "model_key" not in s:
+        return None
     return jax.random.fold_in(jax.random.wrap_key_data(s["model_key"][0]), i)
 
 
@@ -120,14 +123,17 @@ def _init(
     x = jax.lax.stop_gradient(x)
     target = target_classes(logits_fn(x), j // n_restarts) if targeted else y
     x_adv = jnp.clip(x + eps * sphere_start(keys, x, norm), 0.0, 1.0)
-    model_key = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    if jnp.issubdtype(model_key.dtype, jax.dtypes.prng_key):
-        model_key = jax.random.key_data(model_key)
-    key0 = _model_key({"model_key": model_key}, jnp.int32(-1))
+    eot: State = {}  # the model's keys, for an EOT stage only
+    if eot_iter > 1:
+        model_key = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        if jnp.issubdtype(model_key.dtype, jax.dtypes.prng_key):
+            model_key = jax.random.key_data(model_key)
+        eot = {"model_key": model_key}
     loss_of = _per_example_loss(loss, targeted)
+    key0 = _model_key(eot, jnp.int32(-1))
     (_, (loss0, z0)), grad = _value_and_grad(logits_fn, loss_of, y, target, eot_iter, key0)(x_adv)
     return dict(
-        model_key=model_key,
+        **eot,
         x=x,
         y=y,
         target=target,

@@ -91,16 +91,34 @@ class Budget:
 STANDARD_BUDGET = Budget()
 PLUS_BUDGET = Budget(n_restarts=5)
 RAND_BUDGET = Budget(eot_iter=20)
+# Each named version's attacks and full budget. Rand's attacks are also a plausible custom
+# list, so only standard and plus are recognised by their attacks (version_of).
+_NAMED = {
+    "standard": (STANDARD_ATTACKS, STANDARD_BUDGET),
+    "plus": (PLUS_ATTACKS, PLUS_BUDGET),
+    "rand": (RAND_ATTACKS, RAND_BUDGET),
+}
 
 
 def version_of(attacks: Sequence[str]) -> str:
     """``"standard"`` or ``"plus"`` for their attack lists, else ``"custom"``."""
-    return {STANDARD_ATTACKS: "standard", PLUS_ATTACKS: "plus"}.get(tuple(attacks), "custom")
+    named = {_NAMED[v][0]: v for v in ("standard", "plus")}
+    return named.get(tuple(attacks), "custom")
 
 
 def version_budget(attacks: Sequence[str]) -> Budget:
     """The full budget of ``attacks``' version (a custom version's: the standard one)."""
-    return PLUS_BUDGET if version_of(attacks) == "plus" else STANDARD_BUDGET
+    return _NAMED.get(version_of(attacks), _NAMED["standard"])[1]
+
+
+def budget_key(budget: Budget) -> dict[str, int]:
+    """The budget's fields for a journal's or a comparison's settings, one restart and one
+    draw left out (so that keys written before those fields existed stay valid)."""
+    return {
+        k: v
+        for k, v in dataclasses.asdict(budget).items()
+        if not (k in ("n_restarts", "eot_iter") and v == 1)
+    }
 
 
 def resolve_version(
@@ -118,11 +136,7 @@ def resolve_version(
             raise ValueError("a custom AutoAttack version needs its list of attacks")
         check_attacks(attacks)
     else:
-        named, full = {
-            "standard": (STANDARD_ATTACKS, STANDARD_BUDGET),
-            "plus": (PLUS_ATTACKS, PLUS_BUDGET),
-            "rand": (RAND_ATTACKS, RAND_BUDGET),
-        }[version]
+        named, full = _NAMED[version]
         if attacks is not None and tuple(attacks) != named:
             raise ValueError(f"version {version!r} runs {list(named)}; for others use 'custom'")
         return named, budget or full
