@@ -47,7 +47,7 @@ import numpy as np
 from etils import epath
 
 from samrobust import paths, reports
-from samrobust.autoattack import STANDARD_ATTACKS, Budget
+from samrobust.autoattack import Budget
 from samrobust.checkpoint import ADDED_KEYS, flatten_config
 from samrobust.runs import parse_checkpoint
 
@@ -98,14 +98,12 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
         if f.name.startswith("eval_") and f.name.endswith(".json"):
             report = read_json(f)
             checkpoint = parse_checkpoint(report["run"]["checkpoint"])
-            budget = report.get("autoattack", {}).get("budget")
-            attacks = report.get("attacks", {}).get(report.get("autoattack", {}).get("name"), {})
+            details = report.get("autoattack", {})  # its stages: the attacks, in order
+            budget = details.get("budget")
             suite = (
                 report["suite"]
                 + (
-                    reports.budget_suffix(
-                        Budget(**budget), attacks.get("attacks", STANDARD_ATTACKS)
-                    )
+                    reports.budget_suffix(Budget(**budget), tuple(details["stages"]))
                     if budget
                     else ""
                 )
