@@ -47,7 +47,7 @@ import numpy as np
 from etils import epath
 
 from samrobust import paths, reports
-from samrobust.autoattack import Budget
+from samrobust.autoattack import STANDARD_ATTACKS, Budget
 from samrobust.checkpoint import ADDED_KEYS, flatten_config
 from samrobust.runs import parse_checkpoint
 
@@ -103,7 +103,9 @@ def load_run(workdir: epath.PathLike) -> dict[str, Any]:
             suite = (
                 report["suite"]
                 + (
-                    reports.budget_suffix(Budget(**budget), tuple(details["stages"]))
+                    reports.budget_suffix(
+                        Budget(**budget), tuple(details.get("stages", STANDARD_ATTACKS))
+                    )
                     if budget
                     else ""
                 )
